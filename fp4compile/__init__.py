@@ -1,0 +1,34 @@
+"""fp4compile: FP4 (E2M1) training as a torch.compile backend.
+
+    import fp4compile
+    model = torch.compile(model, backend="fp4", options={"recipe": "paper"})
+
+The backend finds the linear-layer matmuls in the graph dynamo captures, rewrites
+each into OCC clamp, quantize, FP4 GEMM and compensation nodes with the DGE
+backward rule (SPEC.md), and hands the result to AOTAutograd and Inductor.
+"""
+from .config import RECIPES, Fp4Config
+from .runtime.dge import dge_grad_scale
+from .runtime.occ import occ_clamp
+from .runtime.quantize import fake_quantize, quantize
+from .runtime.reference import fp4_linear_reference
+
+__all__ = [
+    "Fp4Config",
+    "RECIPES",
+    "quantize",
+    "fake_quantize",
+    "dge_grad_scale",
+    "occ_clamp",
+    "fp4_linear_reference",
+]
+
+try:  # the backend needs torch._dynamo; the numerics above do not
+    from .backend import register_backends
+    from .report import reports, reset
+
+    register_backends()
+    __all__ += ["reports", "reset"]
+except ImportError as exc:  # pragma: no cover - only on a broken torch install
+    if "fp4compile" in str(exc):
+        raise

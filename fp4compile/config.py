@@ -1,0 +1,130 @@
+"""Fp4Config: every numeric and policy knob of fp4compile, with named recipes.
+
+A frozen dataclass, validated on construction, so a bad option fails before any
+compilation or computation runs. `Fp4Config.from_recipe("paper", **overrides)`
+builds the published method or one of its baselines and ablations.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+
+from .runtime.formats import FORMATS
+from .runtime.occ import OCC_SCOPES
+from .runtime.quantize import GRANULARITIES
+
+GRAD_FORMATS = ("e5m2",)
+TARGETS = ("auto", "cpu", "cuda")
+# Embeddings are lookups, not matmuls, so they never reach the pass; the output
+# projection is kept in high precision by default, as most FP8/FP4 recipes do.
+DEFAULT_SKIP = ("lm_head", "*.lm_head", "output", "*.output")
+
+
+@dataclass(frozen=True)
+class Fp4Config:
+    """How each linear-layer GEMM is quantized, and which layers are.
+
+    Formats are None for "no quantization" (high precision). `dge_clamp=None`
+    disables DGE (plain straight-through estimator); `occ_alpha=None` disables
+    outlier clamping.
+    """
+
+    recipe: str = "paper"
+    weight_fmt: str | None = "e2m1"
+    weight_granularity: str = "row"
+    act_fmt: str | None = "e2m1"
+    act_granularity: str = "row"
+    grad_fmt: str | None = "e5m2"
+    dge_k: float = 5.0
+    dge_clamp: float | None = 3.0
+    occ_alpha: float | None = 0.99
+    occ_scope: str = "row"
+    occ_compensate: bool = True
+    skip: tuple[str, ...] = DEFAULT_SKIP
+    min_features: int = 0
+    target: str = "auto"
+
+    def __post_init__(self):
+        if isinstance(self.skip, (list, str)):
+            object.__setattr__(self, "skip", (self.skip,) if isinstance(self.skip, str) else tuple(self.skip))
+        _check_choice("weight_fmt", self.weight_fmt, FORMATS + (None,))
+        _check_choice("act_fmt", self.act_fmt, FORMATS + (None,))
+        _check_choice("grad_fmt", self.grad_fmt, GRAD_FORMATS + (None,))
+        _check_choice("weight_granularity", self.weight_granularity, GRANULARITIES)
+        _check_choice("act_granularity", self.act_granularity, GRANULARITIES)
+        _check_choice("occ_scope", self.occ_scope, OCC_SCOPES)
+        _check_choice("target", self.target, TARGETS)
+        if not _is_number(self.dge_k) or not self.dge_k > 1:
+            raise ValueError(f"dge_k={self.dge_k!r} is invalid: it must be a number > 1 (the paper uses 5)")
+        if self.dge_clamp is not None and (not _is_number(self.dge_clamp) or not self.dge_clamp > 0):
+            raise ValueError(f"dge_clamp={self.dge_clamp!r} is invalid: a number > 0 (3.0 by default), or None for STE")
+        if self.dge_clamp is not None and self.weight_fmt != "e2m1":
+            raise ValueError(
+                f"dge_clamp={self.dge_clamp!r} needs weight_fmt='e2m1' (DGE is defined on the E2M1 grid); "
+                f"got weight_fmt={self.weight_fmt!r}: set dge_clamp=None"
+            )
+        if self.occ_alpha is not None and (not _is_number(self.occ_alpha) or not 0.5 < self.occ_alpha < 1):
+            raise ValueError(
+                f"occ_alpha={self.occ_alpha!r} is invalid: it must lie in (0.5, 1), e.g. 0.99, or be None to disable OCC"
+            )
+        if self.occ_alpha is not None and self.act_fmt is None:
+            raise ValueError("occ_alpha needs a quantized activation format (act_fmt); set occ_alpha=None")
+        if not isinstance(self.occ_compensate, bool):
+            raise ValueError(f"occ_compensate={self.occ_compensate!r} is invalid: True or False")
+        if not all(isinstance(p, str) and p for p in self.skip):
+            raise ValueError(f"skip={self.skip!r} is invalid: a tuple of module-name glob patterns")
+        if not isinstance(self.min_features, int) or self.min_features < 0:
+            raise ValueError(f"min_features={self.min_features!r} is invalid: an integer >= 0")
+
+    @property
+    def quantizes(self) -> bool:
+        """False for the high-precision recipe: the pass then rewrites nothing."""
+        return self.weight_fmt is not None or self.act_fmt is not None
+
+    @classmethod
+    def from_recipe(cls, name: str = "paper", **overrides) -> "Fp4Config":
+        """The named recipe, with any field overridden by keyword."""
+        if name not in RECIPES:
+            raise ValueError(f"recipe={name!r} does not exist; valid recipes: {', '.join(RECIPES)}")
+        unknown = sorted(set(overrides) - set(field_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {', '.join(map(repr, unknown))}; valid options: {', '.join(field_names())}"
+            )
+        return cls(**{**RECIPES[name], "recipe": name, **overrides})
+
+    @classmethod
+    def from_options(cls, options: dict | None) -> "Fp4Config":
+        """Config from `torch.compile(..., options={...})`: a recipe plus field overrides."""
+        options = dict(options or {})
+        return cls.from_recipe(options.pop("recipe", "paper"), **options)
+
+    def replace(self, **changes) -> "Fp4Config":
+        return dataclasses.replace(self, **changes)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(Fp4Config)]
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_choice(name, value, valid):
+    if value not in valid:
+        shown = ", ".join(repr(v) for v in valid)
+        raise ValueError(f"{name}={value!r} is invalid; valid values: {shown}")
+
+
+# The recipes. "paper" is the published method; the rest are its baselines and
+# ablations, so that every comparison in the paper is one option away.
+_HIGH_PRECISION = dict(weight_fmt=None, act_fmt=None, grad_fmt=None, dge_clamp=None, occ_alpha=None)
+RECIPES: dict[str, dict] = {
+    "paper": dict(),
+    "fp4-direct": dict(dge_clamp=None, occ_alpha=None),
+    "w4a8": dict(act_fmt="e4m3", occ_alpha=None),
+    "w8a4": dict(weight_fmt="e4m3", dge_clamp=None),
+    "fp8": dict(weight_fmt="e4m3", act_fmt="e4m3", dge_clamp=None, occ_alpha=None),
+    "bf16": _HIGH_PRECISION,
+}

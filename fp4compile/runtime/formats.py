@@ -1,0 +1,71 @@
+"""Low-precision number formats: the E2M1 (FP4) grid and the FP8 casts.
+
+E2M1 has no hardware cast on the GPUs fp4compile targets, so rounding to its grid
+is written out as arithmetic that Inductor can fuse and that is exact in float32
+and float64 alike. FP8 (E4M3, E5M2) uses torch's own casts, which are the
+hardware's round-to-nearest-even.
+"""
+from __future__ import annotations
+
+import torch
+
+# Largest magnitude of each format. E2M1: 0, 0.5, 1, 1.5, 2, 3, 4, 6.
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0  # torch.float8_e4m3fn
+E5M2_MAX = 57344.0  # torch.float8_e5m2
+
+E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+# Every E2M1 value is exactly representable in FP8 E4M3: that is what lets the FP4
+# GEMM run on FP8 tensor cores with no extra error.
+FORMATS = ("e2m1", "e4m3")
+FORMAT_MAX = {"e2m1": E2M1_MAX, "e4m3": E4M3_MAX, "e5m2": E5M2_MAX}
+FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
+def round_e2m1(v: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest E2M1 value, ties to even mantissa, saturating at +-6.
+
+    The decision thresholds are the midpoints between grid values. A tie goes to
+    the neighbour whose mantissa bit is 0 (0, 1, 2, 4 and 6 are "even"; 0.5, 1.5
+    and 3 are "odd"), so the comparison is `>` where the upper neighbour is odd
+    and `>=` where it is even:
+
+        0.25 -> 0,  0.75 -> 1,  1.25 -> 1,  1.75 -> 2,  2.5 -> 2,  3.5 -> 4,  5 -> 4
+
+    The magnitude is a sum of step functions (cheap, branch-free, vectorises on
+    CPU and GPU alike); the sign is copied back so rounding is symmetric. NaN stays
+    NaN; +-Inf saturates to +-6.
+    """
+    a = v.abs()
+    q = (
+        0.5 * (a > 0.25).to(v.dtype)
+        + 0.5 * (a >= 0.75).to(v.dtype)
+        + 0.5 * (a > 1.25).to(v.dtype)
+        + 0.5 * (a >= 1.75).to(v.dtype)
+        + 1.0 * (a > 2.5).to(v.dtype)
+        + 1.0 * (a >= 3.5).to(v.dtype)
+        + 2.0 * (a > 5.0).to(v.dtype)
+    )
+    q = torch.copysign(q, v)
+    return torch.where(torch.isnan(v), v, q)
+
+
+def round_fp8(v: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Round to FP8 `fmt` ("e4m3" or "e5m2") and back, saturating at the format max.
+
+    Saturation comes first because torch's E5M2 cast overflows to Inf; callers
+    scale so that the max lands on the format max anyway. NaN stays NaN.
+    """
+    fmax = FORMAT_MAX[fmt]
+    clipped = v.clamp(-fmax, fmax)  # clamp keeps NaN
+    return clipped.to(FP8_DTYPES[fmt]).to(v.dtype)
+
+
+def round_to_format(v: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Round values already in a format's range to that format's grid."""
+    if fmt == "e2m1":
+        return round_e2m1(v)
+    if fmt in FP8_DTYPES:
+        return round_fp8(v, fmt)
+    raise ValueError(f"unknown format {fmt!r}; valid formats: e2m1, e4m3, e5m2")

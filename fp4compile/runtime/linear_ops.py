@@ -1,0 +1,195 @@
+"""The graph-level ops of a quantized linear layer, each with its backward rule.
+
+The FX pass rewrites every selected matmul into these five calls, so a graph
+dump shows what was inserted and Inductor can fuse each with its neighbours:
+
+    x_c, x_res = occ_clamp_op(x, ...)            # straight-through
+    x_q, x_s   = quantize_activation_op(x_c, ...) # straight-through
+    w_q, w_s   = quantize_weight_op(w, ...)       # backward multiplies by DGE
+    y          = fp4_gemm_op(x_q, x_s, w_q, w_s, b, ...)  # FP8 E5M2 gradient GEMMs
+    y          = y + compensate_op(x_res, w_q, w_s)       # sparse outlier term
+
+Convention: a (values, scale) pair stands for the dequantized tensor
+`values * scale`. The backward of an op consuming such a pair returns, in the
+`values` slot, the gradient with respect to that dequantized tensor (and None for
+the scale); the producing quantize op then applies its estimator (identity or
+DGE). Composed, these ops compute exactly `fp4_linear_reference`.
+
+The functions take only tensors and Python scalars/strings, so AOTAutograd
+traces forward and backward into aten ops that Inductor lowers and fuses.
+"""
+from __future__ import annotations
+
+import torch
+
+from .dge import dge_grad_scale
+from .gemm import forward_gemm, gradient_gemm
+from .occ import occ_split, occ_thresholds
+from .quantize import compute_dtype, quantize
+
+
+class _OccClamp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, alpha_num, alpha_den, scope):
+        x_hp = x.to(compute_dtype(x.dtype))
+        upper, lower = occ_thresholds(x_hp, alpha_num, alpha_den, scope)
+        ctx.in_dtype = x.dtype
+        return occ_split(x_hp, upper, lower)
+
+    @staticmethod
+    def backward(ctx, grad_clamped, grad_residual):
+        # Clamp is straight-through: x = clamped + residual and the compensation
+        # adds the residual back, so the layer is the identity in x. The residual
+        # carries no gradient of its own (see compensate_op).
+        return grad_clamped.to(ctx.in_dtype), None, None, None
+
+
+class _QuantizeActivation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, fmt, granularity):
+        ctx.in_dtype = x.dtype
+        return quantize(x, granularity=granularity, fmt=fmt)
+
+    @staticmethod
+    def backward(ctx, grad_values, grad_scale):
+        return grad_values.to(ctx.in_dtype), None, None
+
+
+class _QuantizeWeight(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, fmt, granularity, dge_k, dge_clamp):
+        values, scale = quantize(w, granularity=granularity, fmt=fmt)
+        ctx.dge = (dge_k, dge_clamp)
+        ctx.in_dtype = w.dtype
+        if dge_clamp is not None:
+            ctx.save_for_backward(w, scale)
+        return values, scale
+
+    @staticmethod
+    def backward(ctx, grad_values, grad_scale):
+        dge_k, dge_clamp = ctx.dge
+        if dge_clamp is None:
+            return grad_values.to(ctx.in_dtype), None, None, None, None
+        w, scale = ctx.saved_tensors
+        w_scaled = w.to(scale.dtype) / scale
+        grad_w = grad_values * dge_grad_scale(w_scaled, k=dge_k, clamp=dge_clamp)
+        return grad_w.to(ctx.in_dtype), None, None, None, None
+
+
+class _Fp4Gemm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_q, x_scale, w_q, w_scale, bias, grad_fmt, out_dtype):
+        lead = x_q.shape[:-1]
+        x2 = x_q.reshape(-1, x_q.shape[-1])
+        # Row [..., 1] -> [M, 1]; tensor [1, ..., 1] -> [1, 1]; block (full) -> [M, K].
+        xs2 = x_scale.reshape(-1, x_scale.shape[-1])
+        y = forward_gemm(x2, xs2, w_q, w_scale, bias, out_dtype)
+        ctx.save_for_backward(x2, xs2, w_q, w_scale)
+        ctx.grad_fmt = grad_fmt
+        ctx.has_bias = bias is not None
+        ctx.x_shape = x_q.shape
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y.reshape(*lead, y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, xs2, w_q, w_scale = ctx.saved_tensors
+        g2 = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = gradient_gemm(g2, w_q, w_scale, ctx.grad_fmt).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[2]:
+            grad_w = gradient_gemm(g2.t(), x2, xs2, ctx.grad_fmt)
+        if ctx.has_bias and ctx.needs_input_grad[4]:
+            grad_b = g2.sum(0).to(ctx.bias_dtype)
+        return grad_x, None, grad_w, None, grad_b, None, None
+
+
+class _Compensate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, residual, w_q, w_scale, out_dtype):
+        r2 = residual.reshape(-1, residual.shape[-1])
+        w_deq = w_q * w_scale
+        y = (r2 @ w_deq.t()).to(out_dtype)
+        ctx.save_for_backward(r2)
+        ctx.lead = residual.shape[:-1]
+        return y.reshape(*ctx.lead, y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (r2,) = ctx.saved_tensors
+        g2 = grad_y.reshape(-1, grad_y.shape[-1]).to(r2.dtype)
+        # Weight gradient of the outlier term in high precision: together with
+        # the GEMM's it is the weight gradient of the compensated activation.
+        grad_w = g2.t() @ r2
+        return None, grad_w, None, None
+
+
+# Graph node targets: plain functions with readable names for graph dumps.
+def occ_clamp_op(x, alpha_num: int, alpha_den: int, scope: str):
+    """OCC clamp: (clamped, residual), in the compute dtype."""
+    return _OccClamp.apply(x, alpha_num, alpha_den, scope)
+
+
+def quantize_activation_op(x, fmt: str, granularity: str):
+    """Activation quantization: (values, scale); gradient straight through."""
+    return _QuantizeActivation.apply(x, fmt, granularity)
+
+
+def quantize_weight_op(w, fmt: str, granularity: str, dge_k: float, dge_clamp):
+    """Weight quantization [out, in]: (values, scale); backward multiplies by DGE."""
+    return _QuantizeWeight.apply(w, fmt, granularity, dge_k, dge_clamp)
+
+
+def fp4_gemm_op(x_q, x_scale, w_q, w_scale, bias, grad_fmt, out_dtype: torch.dtype):
+    """Quantized GEMM y = x @ w.T + b with FP8 gradient GEMMs in the backward."""
+    return _Fp4Gemm.apply(x_q, x_scale, w_q, w_scale, bias, grad_fmt, out_dtype)
+
+
+def compensate_op(residual, w_q, w_scale, out_dtype: torch.dtype):
+    """OCC compensation term residual @ dequant(w).T."""
+    return _Compensate.apply(residual, w_q, w_scale, out_dtype)
+
+
+def passthrough_op(x):
+    """Identity stand-in for an unquantized operand: (x in compute dtype, scale 1)."""
+    x_hp = x.to(compute_dtype(x.dtype))
+    return x_hp, torch.ones([1] * x.dim(), dtype=x_hp.dtype, device=x.device)
+
+
+def quantized_linear(x, w, bias, config):
+    """Compose the ops above for one linear layer (the pass emits the same sequence)."""
+    out_dtype = x.dtype
+    residual = None
+    if config.occ_alpha is not None:
+        from .occ import alpha_fraction
+
+        num, den = alpha_fraction(config.occ_alpha)
+        x, residual = occ_clamp_op(x, num, den, config.occ_scope)
+    if config.act_fmt is not None:
+        x_q, x_s = quantize_activation_op(x, config.act_fmt, config.act_granularity)
+    else:
+        x_q, x_s = _passthrough(x)
+    if config.weight_fmt is not None:
+        w_q, w_s = quantize_weight_op(w, config.weight_fmt, config.weight_granularity, config.dge_k, config.dge_clamp)
+    else:
+        w_q, w_s = _passthrough(w)
+    y = fp4_gemm_op(x_q, x_s, w_q, w_s, bias, config.grad_fmt, out_dtype)
+    if residual is not None and config.occ_compensate:
+        y = y + compensate_op(residual, w_q, w_s, out_dtype)
+    return y
+
+
+class _Passthrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.in_dtype = x.dtype
+        return passthrough_op(x)
+
+    @staticmethod
+    def backward(ctx, grad_values, grad_scale):
+        return grad_values.to(ctx.in_dtype)
+
+
+def _passthrough(x):
+    return _Passthrough.apply(x)

@@ -1,0 +1,132 @@
+"""Scaled quantization of whole tensors: absmax scaling at a chosen granularity.
+
+`quantize` returns the grid values and the scale separately because the fast GEMM
+runs on the grid values and applies vector-wise scales in its epilogue; the
+dequantized tensor is `values * scale`. The arithmetic runs in float32, or in
+float64 for float64 inputs so that tests can compare against a float64 oracle
+exactly.
+"""
+from __future__ import annotations
+
+import torch
+
+from .formats import FORMAT_MAX, FORMATS, round_fp8, round_to_format
+
+GRANULARITIES = ("row", "tensor", "block32", "block16")
+_BLOCK_SIZE = {"block32": 32, "block16": 16}
+# floor(log2(format max)): the element exponent MX scaling aligns the block max to.
+_EMAX_ELEMENT = {"e2m1": 2, "e4m3": 8}
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64 (exact oracle comparisons); everything else uses float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def nan_aware_amax(x: torch.Tensor, dim=None) -> torch.Tensor:
+    """Max of |x| ignoring NaN, keeping dims (so a NaN stays local to its element).
+
+    Inf is kept: a group holding an Inf gets an infinite scale, and its values
+    dequantize to NaN, so the non-finite input stays non-finite downstream.
+    """
+    a = torch.where(torch.isnan(x), torch.zeros_like(x), x.abs())
+    if dim is None:
+        return a.amax().reshape([1] * x.dim())
+    return a.amax(dim=dim, keepdim=True)
+
+
+def _finish_scale(scale: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """All-zero groups get scale 1 (they quantize to zeros, no 0/0); Inf groups get Inf."""
+    scale = torch.where(amax == 0, torch.ones_like(scale), scale)
+    return torch.where(torch.isinf(amax), amax, scale)
+
+
+def _check(x: torch.Tensor, granularity: str, fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt={fmt!r} is not a quantization format; valid: {', '.join(FORMATS)}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(
+            f"granularity={granularity!r} is unknown; valid: {', '.join(GRANULARITIES)}"
+        )
+    if not (x.is_floating_point()):
+        raise ValueError(f"quantize needs a floating-point tensor, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError("quantize needs a tensor with at least one dimension")
+    block = _BLOCK_SIZE.get(granularity)
+    if block is not None and x.shape[-1] % block != 0:
+        raise ValueError(
+            f"granularity={granularity!r} needs the last dimension to be a multiple of "
+            f"{block}, got {x.shape[-1]}"
+        )
+
+
+def quantize(x: torch.Tensor, granularity: str = "row", fmt: str = "e2m1"):
+    """Quantize `x` to `fmt` with one absmax scale per group.
+
+    Returns `(values, scale)`: `values` are exact grid values (in the compute
+    dtype), `scale` broadcasts against them and `x ~= values * scale`.
+
+    - "row": one scale per vector along the last dim, shape `[..., 1]`;
+      `scale = amax / fmt_max` (6 for E2M1).
+    - "tensor": one scale, shape `[1, ..., 1]`.
+    - "block32" (MX): 32 elements along the last dim share a power-of-two (E8M0)
+      scale `2 ** (floor(log2(amax)) - emax_elem)`, the OCP MX rule; the block max
+      then lands in [4, 8) and saturates to 6 above 6.
+    - "block16" (NVFP4): 16 elements share an E4M3-rounded scale times one FP32
+      tensor scale `amax_tensor / (fmt_max * 448)`. A block whose E4M3 scale
+      underflows to 0 flushes to zeros (scale 1), as the hardware format does.
+    For the block granularities `scale` has the full shape of `values` (each
+    element carries its block's scale), so `values * scale` still broadcasts.
+    """
+    _check(x, granularity, fmt)
+    x_hp = x.to(compute_dtype(x.dtype))
+    fmax = FORMAT_MAX[fmt]
+    if granularity in ("row", "tensor"):
+        amax = nan_aware_amax(x_hp, dim=-1 if granularity == "row" else None)
+        scale = _finish_scale(amax / fmax, amax)
+        return round_to_format(x_hp / scale, fmt), scale
+
+    block = _BLOCK_SIZE[granularity]
+    blocks = x_hp.reshape(*x_hp.shape[:-1], x_hp.shape[-1] // block, block)
+    amax = nan_aware_amax(blocks, dim=-1)
+    if granularity == "block32":
+        # frexp: amax = m * 2**e with m in [0.5, 1), so floor(log2(amax)) = e - 1 exactly.
+        _, exponent = torch.frexp(amax)
+        shared_exp = (exponent - 1 - _EMAX_ELEMENT[fmt]).clamp(-127, 127)
+        scale = torch.exp2(shared_exp.to(amax.dtype))
+        scale = _finish_scale(scale, amax)
+        values = round_to_format(blocks / scale, fmt)
+    else:
+        # Two-level NVFP4 scaling. The tensor scale uses the finite amax so that an
+        # Inf in one block does not flush every other block to zero.
+        finite_amax = torch.where(torch.isinf(amax), torch.zeros_like(amax), amax).amax()
+        tensor_scale = torch.where(
+            finite_amax == 0, torch.ones_like(finite_amax), finite_amax / (fmax * 448.0)
+        )
+        block_scale_e4m3 = round_fp8(amax / fmax / tensor_scale, "e4m3")
+        scale = block_scale_e4m3 * tensor_scale
+        flushed = scale == 0
+        scale = torch.where(flushed, torch.ones_like(scale), scale)
+        scale = torch.where(torch.isinf(amax), amax, scale)
+        values = round_to_format(blocks / scale, fmt)
+        values = torch.where(flushed & ~torch.isnan(blocks), torch.zeros_like(values), values)
+    scale = scale.expand_as(blocks).reshape(x_hp.shape)
+    return values.reshape(x_hp.shape), scale
+
+
+def fake_quantize(x: torch.Tensor, granularity: str = "row", fmt: str = "e2m1") -> torch.Tensor:
+    """Quantize and dequantize: `values * scale` in the input's dtype."""
+    values, scale = quantize(x, granularity=granularity, fmt=fmt)
+    return (values * scale).to(x.dtype)
+
+
+def quantize_gradient(g: torch.Tensor, fmt: str = "e5m2"):
+    """Per-tensor scaled FP8 cast of a gradient: returns `(values, scale)`.
+
+    The tensor's amax maps to the format max (57344 for E5M2), so nothing
+    overflows; E5M2's wide exponent range covers the small entries.
+    """
+    g_hp = g.to(compute_dtype(g.dtype))
+    amax = nan_aware_amax(g_hp)
+    scale = _finish_scale(amax / FORMAT_MAX[fmt], amax)
+    return round_fp8(g_hp / scale, fmt), scale
