@@ -23,12 +23,9 @@ __all__ = [
     "fp4_linear_reference",
 ]
 
-try:  # the backend needs torch._dynamo; the numerics above do not
-    from .backend import register_backends
-    from .report import reports, reset
+from .backend import register_backends
+from .report import reports, reset
 
-    register_backends()
-    __all__ += ["reports", "reset"]
-except ImportError as exc:  # pragma: no cover - only on a broken torch install
-    if "fp4compile" in str(exc):
-        raise
+__all__ += ["reports", "reset"]
+
+register_backends()

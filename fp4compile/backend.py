@@ -1,0 +1,101 @@
+"""The `fp4` torch.compile backends and their registration with dynamo.
+
+    torch.compile(model, backend="fp4", options={"recipe": "paper", ...})
+
+`fp4` runs the passes then AOTAutograd + Inductor. Two debug backends narrow a
+numerics difference down, like dynamo's own eager/aot_eager:
+  - `fp4_eager`: the passes, then the rewritten graph runs op by op in Python;
+  - `fp4_aot_eager`: the passes plus AOTAutograd, no Inductor.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import Fp4Config
+from .passes import run_passes
+from .report import GraphReport, add_report, next_graph_id
+
+BACKEND_NAMES = ("fp4", "fp4_eager", "fp4_aot_eager")
+
+
+class Fp4OptionsError(ValueError):
+    """A bad `options=` value; raised before any computation runs."""
+
+
+def _config(options) -> Fp4Config:
+    if isinstance(options, Fp4Config):
+        return options
+    if options is not None and not isinstance(options, dict):
+        raise Fp4OptionsError(f"options must be a dict of Fp4Config fields, got {type(options).__name__}")
+    try:
+        return Fp4Config.from_options(options)
+    except ValueError as exc:
+        raise Fp4OptionsError(str(exc)) from None
+
+
+def _target(config: Fp4Config, example_inputs) -> str:
+    if config.target != "auto":
+        return config.target
+    for value in example_inputs:
+        if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+            return "cuda"
+    return "cpu"
+
+
+def prepare(gm, example_inputs, options, backend: str):
+    """Validate options, run the passes, record and log the report."""
+    config = _config(options)
+    report = GraphReport(graph_id=next_graph_id(), backend=backend, config=config)
+    run_passes(gm, example_inputs, config, _target(config, example_inputs), report)
+    add_report(report)
+    from .inspection.dump import maybe_dump  # optional: FP4COMPILE_DUMP_DIR
+
+    maybe_dump(gm, report)
+    return config
+
+
+def fp4_backend(gm, example_inputs, options=None, mode=None):
+    """The product backend: passes, then AOTAutograd + Inductor."""
+    from torch._inductor.compile_fx import compile_fx
+
+    from .lowering.cache_key import inductor_config_patches
+
+    config = prepare(gm, example_inputs, options, "fp4")
+    return compile_fx(gm, example_inputs, config_patches=inductor_config_patches(config))
+
+
+def fp4_eager_backend(gm, example_inputs, options=None, mode=None):
+    """Debug: the passes, then Python execution of the rewritten graph."""
+    prepare(gm, example_inputs, options, "fp4_eager")
+    return gm.forward
+
+
+def fp4_aot_eager_backend(gm, example_inputs, options=None, mode=None):
+    """Debug: the passes plus AOTAutograd, without Inductor."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_compiler
+
+    prepare(gm, example_inputs, options, "fp4_aot_eager")
+
+    def run_graph(fx_module, _inputs):
+        return fx_module
+
+    compiler = make_boxed_compiler(run_graph)
+    return aot_autograd(fw_compiler=compiler, bw_compiler=compiler)(gm, example_inputs)
+
+
+_BACKENDS = {"fp4": fp4_backend, "fp4_eager": fp4_eager_backend, "fp4_aot_eager": fp4_aot_eager_backend}
+
+
+def register_backends() -> None:
+    """Register the backends with dynamo, once.
+
+    Dynamo also finds `fp4` through the `torch_dynamo_backends` entry point; a
+    second `register_backend` of the same name raises "duplicate name", so each
+    name is registered only if dynamo does not know it yet.
+    """
+    from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
+
+    for name, fn in _BACKENDS.items():
+        if name not in _COMPILER_FNS:
+            register_backend(compiler_fn=fn, name=name)

@@ -1,0 +1,654 @@
+"""``python -m fp4compile bench train``: train one model under every recipe and compare losses.
+
+The claim under test is the paper's: FP4 training with DGE and OCC reaches a
+loss close to BF16, while direct FP4 and the ablations without them do worse
+or diverge. This benchmark trains the same model from the same initial
+weights on the same batches once per recipe (and per seed), and reports each
+recipe's final validation loss as a *paired* gap to the BF16 run with the same
+seed, so the seed-to-seed variation of the baseline does not enter the gap.
+
+Outputs, all in ``--out``:
+
+- ``<recipe>_seed<k>.csv``: the per-step log of each run (written as it trains);
+- ``<recipe>_seed<k>.json``: the run's result, written once it is complete
+  (``--resume`` skips runs that have one);
+- ``checkpoints/<recipe>_seed<k>.pt``: the state of an unfinished run, from
+  which ``--resume`` continues; removed when the run completes;
+- ``loss_curves.png``: validation and training loss of all recipes;
+- ``summary.md`` and ``summary.json``: the comparison table.
+
+A diverging recipe is a result (reported as such), and a recipe that fails to
+compile or run is reported and skipped: neither stops the other recipes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from fp4compile.data import DEFAULT_MAX_BYTES, load_corpus, split_train_val
+from fp4compile.models.llama import PRESETS, param_count, preset
+from fp4compile.training import StepRecord, TrainConfig, build_model, train
+
+__all__ = [
+    "RECIPE_NAMES",
+    "BASELINE_RECIPE",
+    "recipe_options",
+    "compile_for_recipe",
+    "add_arguments",
+    "run",
+    "main",
+]
+
+# Every recipe the benchmark knows, in the order tables and plots list them:
+# the high-precision baseline, the FP8 reference, FP4 without and with the
+# paper's method, then the paper's ablations.
+RECIPE_NAMES = (
+    "bf16",
+    "fp8",
+    "fp4-direct",
+    "paper",
+    "w4a8",
+    "w4a8-ste",
+    "w8a4",
+    "w8a4-no-occ",
+    "paper-tensorwise",
+)
+BASELINE_RECIPE = "bf16"
+
+_RECIPE_OPTIONS: dict[str, dict] = {
+    "bf16": {"recipe": "bf16"},
+    "fp8": {"recipe": "fp8"},
+    "fp4-direct": {"recipe": "fp4-direct"},
+    "paper": {"recipe": "paper"},
+    "w4a8": {"recipe": "w4a8"},
+    # Weight-only FP4 with the straight-through estimator instead of DGE.
+    "w4a8-ste": {"recipe": "w4a8", "dge_clamp": None},
+    "w8a4": {"recipe": "w8a4"},
+    # Activation-only FP4 without outlier clamping: the paper reports a NaN loss.
+    "w8a4-no-occ": {"recipe": "w8a4", "occ_alpha": None},
+    # The paper method with one scale per tensor instead of per row/channel.
+    "paper-tensorwise": {"recipe": "paper", "weight_granularity": "tensor", "act_granularity": "tensor"},
+}
+
+# Stock torch.compile backends take no options; with them the benchmark only
+# exercises its own plumbing (every recipe then trains identically).
+BACKENDS_WITHOUT_OPTIONS = frozenset({"eager", "aot_eager", "inductor"})
+
+
+@dataclass(frozen=True)
+class PresetTraining:
+    """Default training setup for a model preset (each overridable on the command line)."""
+
+    steps: int
+    batch_size: int
+    seq_len: int
+    lr: float
+    eval_sequences: int
+    max_bytes: int | None  # corpus size; None reads the whole default corpus (about 12 MB)
+
+
+# Peak learning rates follow the usual size scaling (GPT-3 used 6e-4 at 125M,
+# 3e-4 at 350M, 2e-4 at 1.3B); the small CPU models tolerate more. Byte-level
+# models see 4x fewer characters per token than BPE ones, hence the longer steps.
+PRESET_TRAINING: dict[str, PresetTraining] = {
+    "tiny": PresetTraining(steps=60, batch_size=8, seq_len=64, lr=3e-3, eval_sequences=128, max_bytes=2**20),
+    "cpu": PresetTraining(steps=300, batch_size=16, seq_len=128, lr=2e-3, eval_sequences=256, max_bytes=DEFAULT_MAX_BYTES),
+    "cpu-large": PresetTraining(
+        steps=600, batch_size=16, seq_len=256, lr=1.5e-3, eval_sequences=256, max_bytes=DEFAULT_MAX_BYTES
+    ),
+    "gpu-125m": PresetTraining(steps=3000, batch_size=32, seq_len=1024, lr=6e-4, eval_sequences=256, max_bytes=None),
+    "gpu-350m": PresetTraining(steps=2000, batch_size=32, seq_len=1024, lr=3e-4, eval_sequences=256, max_bytes=None),
+    "gpu-1b": PresetTraining(steps=1000, batch_size=16, seq_len=2048, lr=2e-4, eval_sequences=256, max_bytes=None),
+}
+
+VAL_FRACTION = 0.05
+
+
+def recipe_options(name: str) -> dict:
+    """The ``torch.compile(..., options=...)`` dict of a benchmark recipe (a fresh copy)."""
+    try:
+        return dict(_RECIPE_OPTIONS[name])
+    except KeyError:
+        raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(RECIPE_NAMES)}") from None
+
+
+def compile_for_recipe(model: torch.nn.Module, recipe: str, backend: str):
+    """``torch.compile`` the model with the recipe's options (none for stock backends)."""
+    if backend in BACKENDS_WITHOUT_OPTIONS:
+        recipe_options(recipe)  # still reject unknown recipe names
+        return torch.compile(model, backend=backend)
+    return torch.compile(model, backend=backend, options=recipe_options(recipe))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``bench train`` options to ``parser``."""
+    parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="model size (default: cpu)")
+    parser.add_argument(
+        "--recipes",
+        default=",".join(RECIPE_NAMES),
+        help=f"comma-separated recipes (default: all of {','.join(RECIPE_NAMES)})",
+    )
+    parser.add_argument("--seeds", type=int, default=1, help="number of seeds per recipe (default: 1)")
+    parser.add_argument("--seed", type=int, default=0, help="first seed; seeds are SEED..SEED+N-1 (default: 0)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: per preset)")
+    parser.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: per preset)")
+    parser.add_argument("--seq-len", type=int, default=None, help="bytes per sequence (default: per preset)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: per preset)")
+    parser.add_argument("--min-lr", type=float, default=None, help="final learning rate (default: lr / 10)")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: steps / 10)")
+    parser.add_argument("--eval-every", type=int, default=None, help="steps between validations (default: steps / 12)")
+    parser.add_argument("--eval-sequences", type=int, default=None, help="validation sequences (default: per preset)")
+    parser.add_argument("--data", default=None, help="text file or folder to train on (default: the Python stdlib sources)")
+    parser.add_argument("--max-bytes", type=int, default=None, help="corpus size limit in bytes (default: per preset)")
+    parser.add_argument("--out", default="results/bench_train", help="output folder (default: results/bench_train)")
+    parser.add_argument("--resume", action="store_true", help="skip finished runs in --out and continue interrupted ones")
+    parser.add_argument(
+        "--backend", default="fp4", help='torch.compile backend (default: fp4; "eager" tests the plumbing only)'
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="autocast dtype (default: bfloat16 on CUDA, float32 on CPU)",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        help="steps between checkpoints, 0 for none (default: steps / 10)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+@dataclass
+class RunOutcome:
+    """One (recipe, seed) run as the summary sees it."""
+
+    recipe: str
+    seed: int
+    history: list[StepRecord] = field(default_factory=list)
+    diverged: bool = False
+    diverged_at_step: int | None = None
+    final_val_loss: float = float("nan")
+    tokens_per_s: float = float("nan")
+    wall_time_s: float = 0.0
+    error: str | None = None
+
+
+class ConfigMismatch(Exception):
+    """Results in --out were produced with different settings than this invocation's."""
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _parse_recipes(text: str) -> list[str]:
+    recipes = [name.strip() for name in text.split(",") if name.strip()]
+    if not recipes:
+        raise ValueError("--recipes is empty")
+    for name in recipes:
+        recipe_options(name)
+    if len(set(recipes)) != len(recipes):
+        raise ValueError(f"--recipes lists a recipe twice: {text}")
+    return recipes
+
+
+def _training_config(args: argparse.Namespace, defaults: PresetTraining, seed: int, device: torch.device) -> TrainConfig:
+    steps = args.steps if args.steps is not None else defaults.steps
+    lr = args.lr if args.lr is not None else defaults.lr
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    return TrainConfig(
+        steps=steps,
+        batch_size=args.batch_size if args.batch_size is not None else defaults.batch_size,
+        seq_len=args.seq_len if args.seq_len is not None else defaults.seq_len,
+        lr=lr,
+        min_lr=args.min_lr if args.min_lr is not None else lr / 10,
+        warmup_steps=args.warmup_steps if args.warmup_steps is not None else steps // 10,
+        eval_every=args.eval_every if args.eval_every is not None else max(1, steps // 12),
+        eval_sequences=args.eval_sequences if args.eval_sequences is not None else defaults.eval_sequences,
+        seed=seed,
+        dtype=dtype,
+    )
+
+
+def _run_name(recipe: str, seed: int) -> str:
+    return f"{recipe}_seed{seed}"
+
+
+def _format_csv_value(value: float | int) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return ""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _write_csv_header(path: Path, history: list[StepRecord]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(StepRecord.CSV_FIELDS)
+        for record in history:
+            writer.writerow([_format_csv_value(v) for v in record.as_row().values()])
+
+
+def _append_csv_row(path: Path, record: StepRecord) -> None:
+    with path.open("a", newline="") as handle:
+        csv.writer(handle).writerow([_format_csv_value(v) for v in record.as_row().values()])
+
+
+def read_history_csv(path: str | os.PathLike) -> list[StepRecord]:
+    """Read back a run's CSV log (empty cells are NaN)."""
+    records = []
+    with Path(path).open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            values = {name: (float(row[name]) if row[name] != "" else float("nan")) for name in StepRecord.CSV_FIELDS}
+            values["step"] = int(values["step"])
+            values["tokens"] = int(values["tokens"])
+            records.append(StepRecord(**values))
+    return records
+
+
+def _run_key(args: argparse.Namespace, recipe: str, cfg: TrainConfig, max_bytes: int | None) -> dict:
+    """Everything that determines a run's result, to check that --resume continues like for like."""
+    return {
+        "recipe": recipe,
+        "options": recipe_options(recipe),
+        "preset": args.preset,
+        "backend": args.backend,
+        "data": str(args.data) if args.data is not None else None,
+        "max_bytes": max_bytes,
+        "train": asdict(cfg) | {"adam_betas": list(cfg.adam_betas)},
+    }
+
+
+def _run_one(
+    args: argparse.Namespace,
+    recipe: str,
+    cfg: TrainConfig,
+    key: dict,
+    train_data: torch.Tensor,
+    val_data: torch.Tensor,
+    device: torch.device,
+    out: Path,
+) -> RunOutcome:
+    name = _run_name(recipe, cfg.seed)
+    csv_path = out / f"{name}.csv"
+    result_path = out / f"{name}.json"
+    checkpoint_path = out / "checkpoints" / f"{name}.pt"
+    key_path = out / "checkpoints" / f"{name}.key.json"
+
+    if args.resume and result_path.exists():
+        saved = json.loads(result_path.read_text())
+        if saved["key"] != key:
+            raise ConfigMismatch(f"{result_path} was produced with other settings; use another --out")
+        return RunOutcome(
+            recipe=recipe,
+            seed=cfg.seed,
+            history=read_history_csv(csv_path),
+            diverged=saved["diverged"],
+            diverged_at_step=saved["diverged_at_step"],
+            final_val_loss=_float_or_nan(saved["final_val_loss"]),
+            tokens_per_s=_float_or_nan(saved["tokens_per_s"]),
+            wall_time_s=saved["wall_time_s"],
+        )
+
+    resuming = args.resume and checkpoint_path.exists()
+    if resuming:
+        if not key_path.exists() or json.loads(key_path.read_text()) != key:
+            raise ConfigMismatch(f"{checkpoint_path} was produced with other settings; use another --out")
+    else:
+        for stale in (checkpoint_path, result_path):
+            stale.unlink(missing_ok=True)
+    checkpoint_every = args.checkpoint_every if args.checkpoint_every is not None else max(1, cfg.steps // 10)
+    use_checkpoints = checkpoint_every > 0 or resuming
+    if use_checkpoints:
+        key_path.parent.mkdir(parents=True, exist_ok=True)
+        key_path.write_text(json.dumps(key, indent=1))
+
+    # Compiled code and guards from the previous recipe must not be reused (and
+    # would otherwise pile up until dynamo's recompile limit drops to eager).
+    torch._dynamo.reset()
+    model = build_model(preset(args.preset), seed=cfg.seed, device=device)
+    compiled_forward = compile_for_recipe(model, recipe, args.backend)
+
+    previous_history = []
+    if resuming:
+        # train() reloads the checkpoint itself; the CSV is rewritten from its history.
+        # mmap: only the small history is read, not the weights.
+        previous_history = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)["history"]
+    _write_csv_header(csv_path, [StepRecord(**record) for record in previous_history])
+
+    result = train(
+        model,
+        compiled_forward,
+        cfg,
+        train_data,
+        val_data,
+        on_step=lambda record: _append_csv_row(csv_path, record),
+        progress=not args.no_progress,
+        desc=f"{recipe} seed {cfg.seed}",
+        checkpoint_path=checkpoint_path if use_checkpoints else None,
+        checkpoint_every=checkpoint_every,
+        resume=resuming,
+    )
+    outcome = RunOutcome(
+        recipe=recipe,
+        seed=cfg.seed,
+        history=result.history,
+        diverged=result.diverged,
+        diverged_at_step=result.diverged_at_step,
+        final_val_loss=result.final_val_loss,
+        tokens_per_s=result.tokens_per_s,
+        wall_time_s=result.wall_time_s,
+    )
+    result_path.write_text(
+        json.dumps(
+            {
+                "key": key,
+                "diverged": outcome.diverged,
+                "diverged_at_step": outcome.diverged_at_step,
+                "steps_completed": result.steps_completed,
+                "final_val_loss": _nan_to_none(outcome.final_val_loss),
+                "final_train_loss": _nan_to_none(result.final_train_loss),
+                "tokens_per_s": _nan_to_none(outcome.tokens_per_s),
+                "wall_time_s": outcome.wall_time_s,
+                "parameters": param_count(model),
+            },
+            indent=1,
+        )
+    )
+    checkpoint_path.unlink(missing_ok=True)
+    key_path.unlink(missing_ok=True)
+    return outcome
+
+
+def _nan_to_none(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def _float_or_nan(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by parsed ``args``; returns a process exit status.
+
+    0: every run completed (diverged runs included); 1: some run raised an
+    error (reported, the others still ran); 2: invalid arguments or results in
+    ``--out`` from different settings.
+    """
+    invocation_start = time.perf_counter()
+    try:
+        recipes = _parse_recipes(args.recipes)
+        if args.seeds < 1:
+            raise ValueError("--seeds must be at least 1")
+        model_config = preset(args.preset)
+        defaults = PRESET_TRAINING[args.preset]
+        device = _resolve_device(args.device)
+        seeds = [args.seed + i for i in range(args.seeds)]
+        configs = {seed: _training_config(args, defaults, seed, device) for seed in seeds}
+        seq_len = configs[seeds[0]].seq_len
+        if seq_len > model_config.max_seq_len:
+            raise ValueError(f"--seq-len {seq_len} exceeds the {args.preset} model's max_seq_len {model_config.max_seq_len}")
+    except ValueError as error:
+        print(f"bench train: {error}", file=sys.stderr)
+        return 2
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    max_bytes = args.max_bytes if args.max_bytes is not None else defaults.max_bytes
+    corpus = load_corpus(args.data, max_bytes=max_bytes)
+    train_data, val_data = split_train_val(corpus, VAL_FRACTION)
+
+    outcomes: list[RunOutcome] = []
+    # Seeds outermost: an interrupted benchmark has complete comparisons for the first seeds.
+    for seed in seeds:
+        cfg = configs[seed]
+        for recipe in recipes:
+            key = _run_key(args, recipe, cfg, max_bytes)
+            try:
+                outcome = _run_one(args, recipe, cfg, key, train_data, val_data, device, out)
+            except ConfigMismatch as error:
+                print(f"bench train: {error}", file=sys.stderr)
+                return 2
+            except Exception as error:  # noqa: BLE001 - one recipe's failure must not stop the others
+                traceback.print_exc()
+                print(f"bench train: {recipe} seed {seed} failed: {error!r}", file=sys.stderr)
+                outcome = RunOutcome(recipe=recipe, seed=seed, error=f"{type(error).__name__}: {error}")
+            if outcome.diverged:
+                print(f"bench train: {recipe} seed {seed} diverged at step {outcome.diverged_at_step}", file=sys.stderr)
+            outcomes.append(outcome)
+
+    wall_time = time.perf_counter() - invocation_start
+    context = {
+        "preset": args.preset,
+        "parameters": param_count_of_preset(args.preset),
+        "backend": args.backend,
+        "device": str(device),
+        "train": configs[seeds[0]],
+        "seeds": seeds,
+        "data": str(args.data) if args.data is not None else "Python standard library sources",
+        "corpus_bytes": len(corpus),
+        "wall_time_s": wall_time,
+    }
+    plot_loss_curves(outcomes, recipes, out / "loss_curves.png", title=f"{args.preset}, backend {args.backend}")
+    rows = summarize(outcomes, recipes)
+    (out / "summary.md").write_text(render_summary_markdown(rows, context))
+    (out / "summary.json").write_text(
+        json.dumps({"rows": rows, "context": context | {"train": asdict(context["train"])}}, indent=1, default=str)
+    )
+    print(f"bench train: results in {out}")
+    return 1 if any(outcome.error for outcome in outcomes) else 0
+
+
+def param_count_of_preset(name: str) -> int:
+    """Parameters of a preset's model, counted without allocating it."""
+    with torch.device("meta"):
+        from fp4compile.models.llama import Llama
+
+        return param_count(Llama(preset(name)))
+
+
+def summarize(outcomes: list[RunOutcome], recipes: list[str]) -> list[dict]:
+    """One row per recipe: mean final val loss, paired gap to the baseline, speed, divergence.
+
+    The gap of recipe r for seed k is ``(loss_r,k - loss_bf16,k) / loss_bf16,k``;
+    its mean and sample standard deviation are over the seeds where both runs
+    finished without diverging.
+    """
+    by_run = {(o.recipe, o.seed): o for o in outcomes}
+    seeds = sorted({o.seed for o in outcomes})
+    rows = []
+    for recipe in recipes:
+        runs = [by_run[(recipe, seed)] for seed in seeds if (recipe, seed) in by_run]
+        finished = [o for o in runs if o.error is None]
+        losses = [o.final_val_loss for o in finished if not o.diverged and math.isfinite(o.final_val_loss)]
+        gaps = []
+        for o in finished:
+            baseline = by_run.get((BASELINE_RECIPE, o.seed))
+            if baseline is None or baseline.error is not None or baseline.diverged:
+                continue
+            if o.diverged or not math.isfinite(o.final_val_loss) or not math.isfinite(baseline.final_val_loss):
+                continue
+            gaps.append(100.0 * (o.final_val_loss - baseline.final_val_loss) / baseline.final_val_loss)
+        speeds = [o.tokens_per_s for o in finished if math.isfinite(o.tokens_per_s)]
+        rows.append(
+            {
+                "recipe": recipe,
+                "seeds": len(runs),
+                "final_val_loss_mean": statistics.fmean(losses) if losses else None,
+                "gap_to_bf16_pct_mean": statistics.fmean(gaps) if gaps else None,
+                "gap_to_bf16_pct_std": statistics.stdev(gaps) if len(gaps) >= 2 else None,
+                "gap_seeds": len(gaps),
+                "tokens_per_s": statistics.fmean(speeds) if speeds else None,
+                "diverged_seeds": sum(o.diverged for o in finished),
+                "diverged_at_steps": [o.diverged_at_step for o in finished if o.diverged],
+                "failed_seeds": len(runs) - len(finished),
+                "errors": [o.error for o in runs if o.error is not None],
+            }
+        )
+    return rows
+
+
+def _machine_description(device: str) -> str:
+    processor = platform.processor() or platform.machine()
+    text = f"{processor}, {os.cpu_count()} CPUs"
+    if device.startswith("cuda") and torch.cuda.is_available():
+        text += f", GPU {torch.cuda.get_device_name(torch.device(device))}"
+    return text
+
+
+def render_summary_markdown(rows: list[dict], context: dict) -> str:
+    """The ``summary.md`` text: setup, results table, plot."""
+
+    def number(value, fmt):
+        return "n/a" if value is None else format(value, fmt)
+
+    cfg: TrainConfig = context["train"]
+    seeds = context["seeds"]
+    lines = [
+        f"# Training benchmark: preset `{context['preset']}`",
+        "",
+        f"- Machine: {_machine_description(context['device'])}; device {context['device']}; "
+        f"torch {torch.__version__}; backend `{context['backend']}`; wall time {context['wall_time_s']:.1f} s.",
+        f"- Model: {context['parameters'] / 1e6:.2f}M parameters. Training: {cfg.steps} steps of "
+        f"{cfg.batch_size} x {cfg.seq_len} bytes, AdamW lr {cfg.lr:g} -> {cfg.min_lr:g} "
+        f"(warmup {cfg.warmup_steps}, cosine), weight decay {cfg.weight_decay:g}, grad clip {cfg.grad_clip:g}, "
+        f"autocast {cfg.dtype}.",
+        f"- Data: {context['data']} ({context['corpus_bytes']:,} bytes, last {VAL_FRACTION:.0%} held out; "
+        f"{cfg.eval_sequences} validation sequences). Seeds: {', '.join(map(str, seeds))}.",
+        f"- Gap to {BASELINE_RECIPE}: per seed (loss - loss_{BASELINE_RECIPE}) / loss_{BASELINE_RECIPE}, "
+        "then mean and sample std over seeds.",
+        "",
+        f"| recipe | final val loss | gap to {BASELINE_RECIPE} (%) | gap std (%) | tokens/s | diverged |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row["diverged_seeds"] == 0:
+            diverged = "no"
+        elif row["seeds"] == 1:
+            diverged = f"yes (step {row['diverged_at_steps'][0]})"
+        else:
+            diverged = f"yes ({row['diverged_seeds']}/{row['seeds']} seeds)"
+        if row["failed_seeds"]:
+            diverged += f"; {row['failed_seeds']} run(s) failed"
+        gap = row["gap_to_bf16_pct_mean"]
+        lines.append(
+            f"| {row['recipe']} | {number(row['final_val_loss_mean'], '.4f')} | "
+            f"{'n/a' if gap is None else format(gap, '+.2f')} | {number(row['gap_to_bf16_pct_std'], '.2f')} | "
+            f"{number(row['tokens_per_s'], ',.0f')} | {diverged} |"
+        )
+    errors = [(row["recipe"], error) for row in rows for error in row["errors"]]
+    if errors:
+        lines += ["", "Failed runs:", ""] + [f"- {recipe}: `{error}`" for recipe, error in errors]
+    lines += ["", "![loss curves](loss_curves.png)", ""]
+    return "\n".join(lines)
+
+
+def _mean_curve(histories: list[list[StepRecord]], attribute: str) -> tuple[list[int], list[float]]:
+    """Per-step mean over seeds of a logged value, at the steps every seed logged it."""
+    per_seed = [
+        {r.step: getattr(r, attribute) for r in history if math.isfinite(getattr(r, attribute))}
+        for history in histories
+    ]
+    if not per_seed:
+        return [], []
+    steps = sorted(set.intersection(*(set(values) for values in per_seed)))
+    return steps, [statistics.fmean(values[step] for values in per_seed) for step in steps]
+
+
+def _ema(values: list[float], weight: float = 0.9) -> list[float]:
+    smoothed, running = [], None
+    for value in values:
+        running = value if running is None else weight * running + (1 - weight) * value
+        smoothed.append(running)
+    return smoothed
+
+
+def plot_loss_curves(outcomes: list[RunOutcome], recipes: list[str], path: Path, title: str = "") -> None:
+    """One figure: validation loss (markers) and smoothed training loss (faint) per recipe,
+    averaged over seeds, with an inset zoomed on the last 30% of training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(10, 6.5))
+    inset = axes.inset_axes([0.42, 0.42, 0.55, 0.53])
+    colors = plt.get_cmap("tab10")
+    max_step = max((r.step for o in outcomes for r in o.history), default=1)
+    zoom_from = 0.7 * max_step
+    zoom_values: list[float] = []
+    all_values: list[float] = []
+
+    for index, recipe in enumerate(recipes):
+        histories = [o.history for o in outcomes if o.recipe == recipe and o.error is None and o.history]
+        if not histories:
+            continue
+        color = colors(index % 10)
+        diverged = any(o.diverged for o in outcomes if o.recipe == recipe)
+        train_steps, train_loss = _mean_curve(histories, "train_loss")
+        val_steps, val_loss = _mean_curve(histories, "val_loss")
+        label = recipe + (" (diverged)" if diverged else "")
+        axes.plot(train_steps, _ema(train_loss), color=color, alpha=0.3, linewidth=1)
+        axes.plot(val_steps, val_loss, color=color, marker="o", markersize=3, linewidth=1.5, label=label)
+        if diverged and train_steps:
+            axes.plot(train_steps[-1], _ema(train_loss)[-1], color=color, marker="x", markersize=9)
+        inset.plot(val_steps, val_loss, color=color, marker="o", markersize=3, linewidth=1.5)
+        all_values += val_loss + train_loss
+        zoom_values += [loss for step, loss in zip(val_steps, val_loss) if step >= zoom_from]
+
+    # Losses above that of a uniform guess over 256 bytes (ln 256 = 5.55) are
+    # only reached by diverging runs; cutting there keeps the other curves legible.
+    uniform_loss = math.log(256)
+    if all_values:
+        axes.set_ylim(min(all_values) * 0.95, min(max(all_values), uniform_loss) * 1.05)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss (nats per byte)")
+    axes.set_title(f"Validation (markers) and smoothed training loss (faint){': ' + title if title else ''}")
+    axes.legend(loc="lower left", fontsize=8)
+    axes.grid(alpha=0.3)
+
+    if len(zoom_values) >= 2 and max(zoom_values) > min(zoom_values):
+        low, high = min(zoom_values), max(zoom_values)
+        margin = 0.1 * (high - low)
+        inset.set_xlim(zoom_from, max_step * 1.01)
+        inset.set_ylim(low - margin, high + margin)
+        inset.set_title("validation loss, last 30% of steps", fontsize=8)
+        inset.tick_params(labelsize=7)
+        inset.grid(alpha=0.3)
+        axes.indicate_inset_zoom(inset, edgecolor="gray")
+    else:
+        inset.remove()
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point: ``python -m fp4compile.bench_train [options]``."""
+    parser = argparse.ArgumentParser(prog="fp4compile bench train", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Lowering: how the rewritten graph runs (AOTAutograd + Inductor, or the debug ladder)."""

@@ -1,0 +1,161 @@
+"""Find the matmul sites of a captured graph: matmuls with a weight parameter operand.
+
+Dynamo hands the backend torch-level ops. The forms found here:
+  - `torch._C._nn.linear(x, W[, b])` (nn.Linear, F.linear)
+  - `x @ W.t()`, `torch.matmul(x, W.T)` (weight [out, in])
+  - `x @ W`, `torch.matmul(x, W)` and `torch.addmm(b, x, W)` (weight [in, out],
+    e.g. HF GPT-2's Conv1D: its output channel is a column)
+  - `torch.addmm(b, x, W.t())`
+Products of two activations (attention scores, attention-weighted values) are
+not sites: they stay in high precision.
+"""
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+import torch.fx as fx
+
+from ..report import MatmulSite
+
+_LINEAR = {torch._C._nn.linear, torch.nn.functional.linear}
+_MATMUL = {operator.matmul, torch.matmul}
+_ADDMM = {torch.addmm}
+_MATMUL_METHODS = {"matmul", "__matmul__"}
+
+
+def _example(node):
+    return node.meta.get("example_value")
+
+
+def _parameter_placeholders(gm: fx.GraphModule, example_inputs) -> dict:
+    """Map parameter nodes to their qualified names ("layers.0.fc.weight")."""
+    params = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, node in enumerate(placeholders):
+        value = example_inputs[i] if i < len(example_inputs) else None
+        grapharg = node.meta.get("grapharg")
+        source = getattr(getattr(grapharg, "source", None), "name", None)
+        source = source() if callable(source) else source
+        is_param = isinstance(value, torch.nn.Parameter) or (
+            isinstance(source, str) and "_parameters[" in source
+        )
+        if is_param:
+            params[node] = _qualified_name(source) if isinstance(source, str) else node.name
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            try:
+                value = gm.get_submodule("").get_parameter(node.target)
+            except (AttributeError, TypeError):
+                continue
+            params[node] = str(node.target)
+    return params
+
+
+_KEY = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]|\.([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _qualified_name(source: str) -> str:
+    """"L['self']._modules['fc']._parameters['weight']" -> "fc.weight"."""
+    body = source.split("]", 1)[1] if source.startswith("L[") else source
+    parts = []
+    for key, attr in _KEY.findall(body):
+        name = key or attr
+        if name in ("_modules", "_parameters"):
+            continue
+        parts.append(name)
+    return ".".join(parts) or source
+
+
+def _transposed_param(node, params):
+    """If `node` is W.t() / W.T / W.transpose(0, 1) of a 2-D parameter W, return W."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_method" and node.target in ("t", "transpose", "permute"):
+        src = node.args[0]
+        ok = node.target == "t" or (node.target == "transpose" and set(node.args[1:3]) in ({0, 1}, {-1, -2}, {0, -1}, {1, -2})) or (
+            node.target == "permute" and tuple(node.args[1:]) in ((1, 0),)
+        )
+        return src if ok and src in params else None
+    if node.op == "call_function":
+        if node.target in (torch.t,) and node.args[0] in params:
+            return node.args[0]
+        if node.target is torch.transpose and node.args[0] in params:
+            return node.args[0]
+        if node.target is getattr and node.args[1] in ("T", "mT") and node.args[0] in params:
+            return node.args[0]
+    return None
+
+
+def _weight_operand(node, params):
+    """(weight node, layout) for the right-hand operand of a matmul, or (None, None)."""
+    if node in params:
+        return node, "in_out"
+    src = _transposed_param(node, params)
+    if src is not None:
+        return src, "out_in"
+    return None, None
+
+
+def _shape(node):
+    value = _example(node)
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+
+
+def _module_path(node, weight_name: str) -> str:
+    if "." in weight_name:
+        return weight_name.rsplit(".", 1)[0]
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path = list(stack.values())[-1][0]
+        path = re.sub(r"^L\['[^']*'\]\.?", "", path)
+        return re.sub(r"\[(\d+)\]", r".\1", path)
+    return ""
+
+
+def find_matmul_sites(gm: fx.GraphModule, example_inputs) -> tuple[list[MatmulSite], int]:
+    """All weight matmul sites of `gm`, and the number of activation x activation matmuls."""
+    params = _parameter_placeholders(gm, example_inputs)
+    sites, activation_matmuls = [], 0
+    for node in gm.graph.nodes:
+        form = None
+        if node.op == "call_function" and node.target in _LINEAR:
+            x, w = node.args[0], node.args[1]
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            weight, layout, form = (w, "out_in", "linear") if w in params else (None, None, "linear")
+        elif (node.op == "call_function" and node.target in _MATMUL) or (
+            node.op == "call_method" and node.target in _MATMUL_METHODS
+        ):
+            x, rhs = node.args[0], node.args[1]
+            bias, form = None, "matmul"
+            weight, layout = _weight_operand(rhs, params)
+            if weight is None and x in params or _transposed_param(x, params) is not None:
+                weight, layout = None, None  # weight on the left: not a supported site
+        elif node.op == "call_function" and node.target in _ADDMM:
+            bias, x, rhs = node.args[0], node.args[1], node.args[2]
+            form = "addmm"
+            weight, layout = _weight_operand(rhs, params)
+            if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+                weight = None
+        if form is None:
+            continue
+        if weight is None:
+            activation_matmuls += 1
+            continue
+        name = params[weight]
+        sites.append(
+            MatmulSite(
+                node=node.name,
+                op=form,
+                module_path=_module_path(node, name),
+                weight_name=name,
+                act_shape=_shape(x),
+                weight_shape=_shape(weight),
+                weight_layout=layout,
+                has_bias=bias is not None,
+                dtype=getattr(_example(weight), "dtype", None),
+                fx_nodes=(node, x, weight, bias),
+            )
+        )
+    return sites, activation_matmuls

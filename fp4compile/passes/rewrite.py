@@ -1,0 +1,80 @@
+"""Rewrite each quantized matmul site into explicit quantize/GEMM/compensate nodes.
+
+After this pass a dump of the graph shows exactly what runs (see
+`runtime/linear_ops.py` for the ops and their backward rules), and Inductor sees
+every node, so it can fuse the clamp and quantization with their producers.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from ..runtime import linear_ops
+from ..runtime.occ import alpha_fraction
+
+
+def _pair(graph: fx.Graph, fn, args):
+    call = graph.call_function(fn, args)
+    first = graph.call_function(operator.getitem, (call, 0))
+    second = graph.call_function(operator.getitem, (call, 1))
+    return call, first, second
+
+
+def _rewrite_one(graph: fx.Graph, site, config) -> tuple:
+    matmul, x, weight, bias = site.fx_nodes
+    out_dtype = matmul.meta["example_value"].dtype if "example_value" in matmul.meta else torch.float32
+    inserted = []
+    with graph.inserting_before(matmul):
+        x_in, residual = x, None
+        if config.occ_alpha is not None:
+            num, den = alpha_fraction(config.occ_alpha)
+            clamp, x_in, residual = _pair(graph, linear_ops.occ_clamp_op, (x, num, den, config.occ_scope))
+            inserted.append(clamp)
+        if config.act_fmt is not None:
+            act, x_q, x_s = _pair(
+                graph, linear_ops.quantize_activation_op, (x_in, config.act_fmt, config.act_granularity)
+            )
+        else:
+            act, x_q, x_s = _pair(graph, linear_ops._passthrough, (x_in,))
+        inserted.append(act)
+        # The quantizers take weights as [out, in]: per-output-channel scales are rows.
+        w_out_in = weight if site.weight_layout == "out_in" else graph.call_function(torch.t, (weight,))
+        if config.weight_fmt is not None:
+            wq, w_q, w_s = _pair(
+                graph,
+                linear_ops.quantize_weight_op,
+                (w_out_in, config.weight_fmt, config.weight_granularity, config.dge_k, config.dge_clamp),
+            )
+        else:
+            wq, w_q, w_s = _pair(graph, linear_ops._passthrough, (w_out_in,))
+        inserted.append(wq)
+        y = graph.call_function(linear_ops.fp4_gemm_op, (x_q, x_s, w_q, w_s, bias, config.grad_fmt, out_dtype))
+        inserted.append(y)
+        if residual is not None and config.occ_compensate:
+            comp = graph.call_function(linear_ops.compensate_op, (residual, w_q, w_s, out_dtype))
+            inserted.append(comp)
+            y = graph.call_function(operator.add, (y, comp))
+    for node in inserted + [y]:
+        node.meta["nn_module_stack"] = matmul.meta.get("nn_module_stack", {})
+        node.meta["fp4_site"] = site.module_path
+    matmul.replace_all_uses_with(y)
+    graph.erase_node(matmul)
+    return tuple(n.name for n in inserted)
+
+
+def rewrite_sites(gm: fx.GraphModule, sites, config) -> None:
+    """Replace every quantized site's matmul by the quantized-linear nodes."""
+    dead_candidates = []
+    for site in sites:
+        if site.quantized:
+            matmul = site.fx_nodes[0]
+            dead_candidates += [a for a in matmul.all_input_nodes if a.op != "placeholder"]
+            site.inserted = _rewrite_one(gm.graph, site, config)
+    # Drop the W.t() nodes that only fed the replaced matmuls.
+    for node in dead_candidates:
+        if not node.users and node.op in ("call_method", "call_function") and node.graph is gm.graph:
+            if node.target in ("t", "transpose", "permute", torch.t, torch.transpose, getattr):
+                gm.graph.erase_node(node)
+    gm.recompile()
