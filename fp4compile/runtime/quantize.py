@@ -36,7 +36,13 @@ def nan_aware_amax(x: torch.Tensor, dim=None) -> torch.Tensor:
 
 
 def _finish_scale(scale: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    """All-zero groups get scale 1 (they quantize to zeros, no 0/0); Inf groups get Inf."""
+    """All-zero groups get scale 1 (they quantize to zeros, no 0/0); Inf groups get Inf.
+
+    A subnormal amax divided by the format max can underflow to 0; the scale is then
+    the smallest subnormal instead, so x / scale stays finite.
+    """
+    tiny = torch.finfo(scale.dtype).tiny * torch.finfo(scale.dtype).eps  # smallest subnormal
+    scale = torch.where((scale == 0) & (amax > 0), torch.full_like(scale, tiny), scale)
     scale = torch.where(amax == 0, torch.ones_like(scale), scale)
     return torch.where(torch.isinf(amax), amax, scale)
 

@@ -1,0 +1,81 @@
+"""Independent float64 oracles for the quantizers (they call nothing in fp4compile).
+
+Rounding is done by brute force: the nearest of all representable values, ties
+broken toward the value with an even mantissa bit. Scale arithmetic is emulated
+in numpy float32 (IEEE, correctly rounded) for float32 inputs, so results must
+match the code under test bit for bit.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# E2M1 magnitudes with their mantissa bit: (value, mantissa_is_odd)
+E2M1 = [(0.0, 0), (0.5, 1), (1.0, 0), (1.5, 1), (2.0, 0), (3.0, 1), (4.0, 0), (6.0, 1)]
+
+
+def _e4m3_values():
+    vals = []
+    for e in range(16):
+        for m in range(8):
+            if e == 15 and m == 7:
+                continue  # NaN encoding in e4m3fn
+            v = (m / 8) * 2.0 ** -6 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7)
+            vals.append((v, m & 1))
+    return vals
+
+
+E4M3 = _e4m3_values()
+
+
+def round_grid(v: float, grid) -> float:
+    """Nearest grid magnitude (ties to even mantissa), saturating; NaN stays NaN."""
+    if math.isnan(v):
+        return math.nan
+    a = abs(v)
+    best, best_d, best_odd = None, math.inf, 1
+    for g, odd in grid:
+        d = abs(a - g)
+        if d < best_d or (d == best_d and best_odd and not odd):
+            best, best_d, best_odd = g, d, odd
+    return math.copysign(best, v)
+
+
+def _div(a, b, f32):
+    return float(np.float32(a) / np.float32(b)) if f32 else a / b
+
+
+def quantize_groups(x: np.ndarray, group_axis_size: int | None, fmax: float, grid, f32: bool, scale_rule="absmax"):
+    """Quantize a 2-D float64 array (values given as float64) in groups along the last dim.
+
+    group_axis_size None means the whole tensor is one group.
+    Returns (values, scale) arrays of x's shape.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    rows, cols = x.shape
+    values = np.empty_like(x)
+    scales = np.empty_like(x)
+    size = cols if group_axis_size is None else group_axis_size
+    groups = [(slice(None), slice(None))] if group_axis_size is None else [
+        (slice(r, r + 1), slice(c, c + size)) for r in range(rows) for c in range(0, cols, size)
+    ]
+    for rs, cs in groups:
+        block = x[rs, cs]
+        finite = np.where(np.isnan(block), 0.0, np.abs(block))
+        amax = float(finite.max())
+        if scale_rule == "absmax":
+            scale = 1.0 if amax == 0 else (math.inf if math.isinf(amax) else _div(amax, fmax, f32))
+            if scale == 0:  # underflow of a subnormal amax: the smallest subnormal instead
+                scale = float(np.finfo(np.float32).smallest_subnormal) if f32 else 5e-324
+        else:  # MX: power of two
+            if amax == 0:
+                scale = 1.0
+            elif math.isinf(amax):
+                scale = math.inf
+            else:
+                scale = 2.0 ** max(-127, min(127, math.floor(math.log2(amax)) - scale_rule))
+        scales[rs, cs] = scale
+        vals = np.vectorize(lambda v: round_grid(_div(v, scale, f32), grid))(block)
+        values[rs, cs] = vals
+    return values, scales

@@ -1,0 +1,175 @@
+"""Quantizers against the independent oracle: exact equality, every tie, saturation,
+zero groups, NaN/Inf, subnormal scales, all float dtypes, plus property tests."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fp4compile
+from fp4compile import fake_quantize, quantize
+
+from .oracles import E2M1, E4M3, quantize_groups, round_grid
+
+TIES = [(0.25, 0.0), (0.75, 1.0), (1.25, 1.0), (1.75, 2.0), (2.5, 2.0), (3.5, 4.0), (5.0, 4.0)]
+
+
+def _random_magnitudes(rows, cols, seed, lo=-30, hi=30):
+    gen = torch.Generator().manual_seed(seed)
+    mant = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+    expo = torch.randint(lo, hi, (rows, 1), generator=gen).double()
+    return mant * 10.0 ** expo
+
+
+def _assert_same(actual: torch.Tensor, expected: np.ndarray):
+    got = actual.double().numpy()
+    assert got.shape == expected.shape
+    both_nan = np.isnan(got) & np.isnan(expected)
+    assert np.array_equal(np.where(both_nan, 0, got), np.where(both_nan, 0, expected)), (
+        f"mismatch at {np.argwhere((got != expected) & ~both_nan)[:5]}"
+    )
+
+
+@pytest.mark.parametrize("granularity", ["row", "tensor"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 7), (5, 33), (16, 64)])
+def test_absmax_matches_oracle(granularity, dtype, shape):
+    for seed in range(3):
+        x = _random_magnitudes(*shape, seed=seed).to(dtype)
+        values, scale = quantize(x, granularity=granularity)
+        exp_v, exp_s = quantize_groups(
+            x.double().numpy(), shape[1] if granularity == "row" else None, 6.0, E2M1, dtype == torch.float32
+        )
+        _assert_same(values, exp_v)
+        _assert_same(scale.expand_as(values), exp_s)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_block32_matches_oracle(dtype):
+    x = _random_magnitudes(6, 128, seed=1).to(dtype)
+    x[2, 32:64] = 0.0
+    values, scale = quantize(x, granularity="block32")
+    exp_v, exp_s = quantize_groups(x.double().numpy(), 32, 6.0, E2M1, dtype == torch.float32, scale_rule=2)
+    _assert_same(values, exp_v)
+    _assert_same(scale, exp_s)
+    assert (values.abs() <= 6).all()
+    # Powers of two only (E8M0).
+    assert torch.equal(torch.exp2(torch.log2(scale).round()), scale)
+
+
+def test_block16_matches_oracle():
+    x = _random_magnitudes(4, 64, seed=2, lo=-3, hi=3)
+    values, scale = quantize(x, granularity="block16")
+    xn = x.numpy()
+    tensor_scale = np.abs(xn).max() / (6 * 448)
+    exp_v = np.empty_like(xn)
+    exp_s = np.empty_like(xn)
+    for r in range(4):
+        for c in range(0, 64, 16):
+            block = xn[r, c:c + 16]
+            s_e4m3 = round_grid(np.abs(block).max() / 6 / tensor_scale, E4M3)
+            s = s_e4m3 * tensor_scale
+            exp_s[r, c:c + 16] = s
+            exp_v[r, c:c + 16] = [round_grid(v / s, E2M1) for v in block]
+    _assert_same(values, exp_v)
+    _assert_same(scale, exp_s)
+
+
+@pytest.mark.parametrize("tie, expected", TIES)
+def test_every_tie_rounds_to_even_and_symmetric(tie, expected):
+    # A row with max 6 has scale exactly 1, so the tie value reaches the rounder unchanged.
+    x = torch.tensor([[6.0, tie, -tie]], dtype=torch.float64)
+    values, scale = quantize(x)
+    assert scale.item() == 1.0
+    assert values[0, 1].item() == expected
+    assert values[0, 2].item() == -expected
+
+
+def test_saturation_zero_groups_nan_inf():
+    x = torch.tensor(
+        [[0.0, 0.0, 0.0, 0.0], [1.0, float("nan"), -2.0, 6.0], [float("inf"), 1.0, 2.0, 3.0]], dtype=torch.float32
+    )
+    values, scale = quantize(x)
+    assert torch.equal(values[0], torch.zeros(4)) and scale[0].item() == 1.0  # zero group: scale 1
+    assert math.isnan(values[1, 1].item())  # NaN stays NaN ...
+    assert values[1, 0].item() == 1.0 and values[1, 3].item() == 6.0  # ... and stays local
+    deq = values * scale
+    assert not torch.isfinite(deq[2]).any()  # an Inf never becomes a finite number
+    # Block scales above the grid max saturate at 6 (MX puts the block max in [4, 8)).
+    xb = torch.full((1, 32), 7.5)
+    assert quantize(xb, granularity="block32")[0].max().item() == 6.0
+
+
+def test_subnormal_and_huge_scales_stay_finite():
+    for mag in (1e-30, 1e-40, 1e-44, 1e30, 1e38):
+        x = torch.randn(4, 32) * mag
+        values, scale = quantize(x.float())
+        assert torch.isfinite(scale).all() and (scale > 0).all()
+        assert torch.isfinite(values).all()
+        for gran in ("tensor", "block32", "block16"):
+            v, s = quantize(x.float(), granularity=gran)
+            assert torch.isfinite(s).all() and torch.isfinite(v).all()
+    # Subnormal float32 inputs still match the oracle exactly.
+    x = torch.randn(3, 16) * 1e-44
+    values, scale = quantize(x)
+    exp_v, _ = quantize_groups(x.double().numpy(), 16, 6.0, E2M1, True)
+    _assert_same(values, exp_v)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_dtypes(dtype):
+    x = torch.randn(8, 64).to(dtype)
+    values, scale = quantize(x)
+    assert values.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    exp_v, _ = quantize_groups(x.double().numpy(), 64, 6.0, E2M1, dtype != torch.float64)
+    _assert_same(values, exp_v)
+    fq = fake_quantize(x)
+    assert fq.dtype == dtype
+    assert torch.equal(fq, (values * scale).to(dtype))
+
+
+def test_e4m3_format_matches_oracle():
+    x = _random_magnitudes(4, 40, seed=3)
+    values, scale = quantize(x, fmt="e4m3")
+    exp_v, exp_s = quantize_groups(x.numpy(), 40, 448.0, E4M3, False)
+    _assert_same(values, exp_v)
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="granularity"):
+        quantize(torch.randn(2, 32), granularity="col")
+    with pytest.raises(ValueError, match="fmt"):
+        quantize(torch.randn(2, 32), fmt="e3m2")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize(torch.randn(2, 40), granularity="block32")
+    with pytest.raises(ValueError, match="floating"):
+        quantize(torch.ones(2, 32, dtype=torch.int32))
+
+
+finite_floats = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False, width=32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(finite_floats, min_size=1, max_size=64))
+def test_property_idempotent_symmetric_bounded(vals):
+    x = torch.tensor([vals], dtype=torch.float32)
+    values, scale = quantize(x)
+    # Idempotence: quantizing dequantized grid values changes nothing.
+    deq = values * scale
+    values2, scale2 = quantize(deq)
+    assert torch.equal(values2 * scale2, deq)
+    # Sign symmetry.
+    neg_values, _ = quantize(-x)
+    assert torch.equal(neg_values, -values)
+    # Error bound: at most half the local grid step (1 above 4: steps 0.5/1/2) times scale.
+    v = (x / scale).abs()
+    half_step = torch.where(v < 2, 0.25, torch.where(v < 4, 0.5, 1.0))
+    err = (x - deq).abs()
+    assert (err <= half_step * scale * (1 + 1e-6)).all()
+
+
+def test_public_api_exports():
+    for name in ("quantize", "fake_quantize", "dge_grad_scale", "occ_clamp", "fp4_linear_reference", "Fp4Config"):
+        assert hasattr(fp4compile, name)
