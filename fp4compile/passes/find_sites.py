@@ -114,6 +114,15 @@ def _module_path(node, weight_name: str) -> str:
     return ""
 
 
+def site_operands(node):
+    """(activation, bias) of a matmul node, read from its current arguments."""
+    if node.target in _ADDMM:
+        return node.args[1], node.args[0]
+    if node.target in _LINEAR:
+        return node.args[0], node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return node.args[0], None
+
+
 def find_matmul_sites(gm: fx.GraphModule, example_inputs) -> tuple[list[MatmulSite], int]:
     """All weight matmul sites of `gm`, and the number of activation x activation matmuls."""
     params = _parameter_placeholders(gm, example_inputs)

@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 
 from ..runtime import linear_ops
+from .find_sites import site_operands
 from ..runtime.occ import alpha_fraction
 
 
@@ -23,7 +24,9 @@ def _pair(graph: fx.Graph, fn, args):
 
 
 def _rewrite_one(graph: fx.Graph, site, config) -> tuple:
-    matmul, x, weight, bias = site.fx_nodes
+    matmul, _, weight, _ = site.fx_nodes
+    # Read the operands now: an earlier rewrite may have replaced the activation's producer.
+    x, bias = site_operands(matmul)
     out_dtype = matmul.meta["example_value"].dtype if "example_value" in matmul.meta else torch.float32
     inserted = []
     with graph.inserting_before(matmul):
