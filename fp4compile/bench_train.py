@@ -38,8 +38,8 @@ from pathlib import Path
 
 import torch
 
-from fp4compile.data import DEFAULT_MAX_BYTES, load_corpus, split_train_val
-from fp4compile.models.llama import PRESETS, param_count, preset
+from fp4compile.data import DEFAULT_MAX_BYTES, load_corpus, split_train_val, val_batches
+from fp4compile.models.llama import PRESETS, Llama, param_count, preset
 from fp4compile.training import StepRecord, TrainConfig, build_model, train
 
 __all__ = [
@@ -105,7 +105,9 @@ class PresetTraining:
 # models see 4x fewer characters per token than BPE ones, hence the longer steps.
 PRESET_TRAINING: dict[str, PresetTraining] = {
     "tiny": PresetTraining(steps=60, batch_size=8, seq_len=64, lr=3e-3, eval_sequences=128, max_bytes=2**20),
-    "cpu": PresetTraining(steps=300, batch_size=16, seq_len=128, lr=2e-3, eval_sequences=256, max_bytes=DEFAULT_MAX_BYTES),
+    "cpu": PresetTraining(
+        steps=300, batch_size=16, seq_len=128, lr=2e-3, eval_sequences=256, max_bytes=DEFAULT_MAX_BYTES
+    ),
     "cpu-large": PresetTraining(
         steps=600, batch_size=16, seq_len=256, lr=1.5e-3, eval_sequences=256, max_bytes=DEFAULT_MAX_BYTES
     ),
@@ -135,7 +137,7 @@ def compile_for_recipe(model: torch.nn.Module, recipe: str, backend: str):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench train`` options to ``parser``."""
-    parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="model size (default: cpu)")
+    parser.add_argument("--preset", default="cpu", choices=list(PRESETS), help="model size (default: cpu)")
     parser.add_argument(
         "--recipes",
         default=",".join(RECIPE_NAMES),
@@ -151,10 +153,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: steps / 10)")
     parser.add_argument("--eval-every", type=int, default=None, help="steps between validations (default: steps / 12)")
     parser.add_argument("--eval-sequences", type=int, default=None, help="validation sequences (default: per preset)")
-    parser.add_argument("--data", default=None, help="text file or folder to train on (default: the Python stdlib sources)")
+    parser.add_argument(
+        "--data", default=None, help="text file or folder to train on (default: the Python stdlib sources)"
+    )
     parser.add_argument("--max-bytes", type=int, default=None, help="corpus size limit in bytes (default: per preset)")
     parser.add_argument("--out", default="results/bench_train", help="output folder (default: results/bench_train)")
-    parser.add_argument("--resume", action="store_true", help="skip finished runs in --out and continue interrupted ones")
+    parser.add_argument(
+        "--resume", action="store_true", help="skip finished runs in --out and continue interrupted ones"
+    )
     parser.add_argument(
         "--backend", default="fp4", help='torch.compile backend (default: fp4; "eager" tests the plumbing only)'
     )
@@ -210,7 +216,9 @@ def _parse_recipes(text: str) -> list[str]:
     return recipes
 
 
-def _training_config(args: argparse.Namespace, defaults: PresetTraining, seed: int, device: torch.device) -> TrainConfig:
+def _training_config(
+    args: argparse.Namespace, defaults: PresetTraining, seed: int, device: torch.device
+) -> TrainConfig:
     steps = args.steps if args.steps is not None else defaults.steps
     lr = args.lr if args.lr is not None else defaults.lr
     dtype = args.dtype
@@ -240,7 +248,7 @@ def _format_csv_value(value: float | int) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def _write_csv_header(path: Path, history: list[StepRecord]) -> None:
+def _write_csv(path: Path, history: list[StepRecord]) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(StepRecord.CSV_FIELDS)
@@ -333,7 +341,7 @@ def _run_one(
         # train() reloads the checkpoint itself; the CSV is rewritten from its history.
         # mmap: only the small history is read, not the weights.
         previous_history = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)["history"]
-    _write_csv_header(csv_path, [StepRecord(**record) for record in previous_history])
+    _write_csv(csv_path, [StepRecord(**record) for record in previous_history])
 
     result = train(
         model,
@@ -406,16 +414,20 @@ def run(args: argparse.Namespace) -> int:
         configs = {seed: _training_config(args, defaults, seed, device) for seed in seeds}
         seq_len = configs[seeds[0]].seq_len
         if seq_len > model_config.max_seq_len:
-            raise ValueError(f"--seq-len {seq_len} exceeds the {args.preset} model's max_seq_len {model_config.max_seq_len}")
-    except ValueError as error:
+            raise ValueError(
+                f"--seq-len {seq_len} exceeds the {args.preset} model's max_seq_len {model_config.max_seq_len}"
+            )
+        max_bytes = args.max_bytes if args.max_bytes is not None else defaults.max_bytes
+        corpus = load_corpus(args.data, max_bytes=max_bytes)
+        train_data, val_data = split_train_val(corpus, VAL_FRACTION)
+        cfg = configs[seeds[0]]
+        val_batches(val_data, cfg.batch_size, cfg.seq_len, cfg.eval_sequences)  # fails early if too small
+    except (ValueError, FileNotFoundError, RuntimeError) as error:  # RuntimeError: a bad --device
         print(f"bench train: {error}", file=sys.stderr)
         return 2
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    max_bytes = args.max_bytes if args.max_bytes is not None else defaults.max_bytes
-    corpus = load_corpus(args.data, max_bytes=max_bytes)
-    train_data, val_data = split_train_val(corpus, VAL_FRACTION)
 
     outcomes: list[RunOutcome] = []
     # Seeds outermost: an interrupted benchmark has complete comparisons for the first seeds.
@@ -461,8 +473,6 @@ def run(args: argparse.Namespace) -> int:
 def param_count_of_preset(name: str) -> int:
     """Parameters of a preset's model, counted without allocating it."""
     with torch.device("meta"):
-        from fp4compile.models.llama import Llama
-
         return param_count(Llama(preset(name)))
 
 
@@ -574,11 +584,16 @@ def _mean_curve(histories: list[list[StepRecord]], attribute: str) -> tuple[list
     return steps, [statistics.fmean(values[step] for values in per_seed) for step in steps]
 
 
-def _ema(values: list[float], weight: float = 0.9) -> list[float]:
-    smoothed, running = [], None
-    for value in values:
-        running = value if running is None else weight * running + (1 - weight) * value
-        smoothed.append(running)
+def _moving_average(values: list[float]) -> list[float]:
+    """Trailing mean over a window of 1/25 of the run: smooths batch-to-batch noise
+    of the training loss while keeping the curve's shape (no lag at the start)."""
+    window = max(1, len(values) // 25)
+    smoothed, running_sum = [], 0.0
+    for index, value in enumerate(values):
+        running_sum += value
+        if index >= window:
+            running_sum -= values[index - window]
+        smoothed.append(running_sum / min(index + 1, window))
     return smoothed
 
 
@@ -607,13 +622,14 @@ def plot_loss_curves(outcomes: list[RunOutcome], recipes: list[str], path: Path,
         train_steps, train_loss = _mean_curve(histories, "train_loss")
         val_steps, val_loss = _mean_curve(histories, "val_loss")
         label = recipe + (" (diverged)" if diverged else "")
-        axes.plot(train_steps, _ema(train_loss), color=color, alpha=0.3, linewidth=1)
+        axes.plot(train_steps, _moving_average(train_loss), color=color, alpha=0.3, linewidth=1)
         axes.plot(val_steps, val_loss, color=color, marker="o", markersize=3, linewidth=1.5, label=label)
         if diverged and train_steps:
-            axes.plot(train_steps[-1], _ema(train_loss)[-1], color=color, marker="x", markersize=9)
+            axes.plot(train_steps[-1], _moving_average(train_loss)[-1], color=color, marker="x", markersize=9)
         inset.plot(val_steps, val_loss, color=color, marker="o", markersize=3, linewidth=1.5)
         all_values += val_loss + train_loss
-        zoom_values += [loss for step, loss in zip(val_steps, val_loss) if step >= zoom_from]
+        if not diverged:  # a diverging curve would stretch the zoom over its blow-up
+            zoom_values += [loss for step, loss in zip(val_steps, val_loss) if step >= zoom_from]
 
     # Losses above that of a uniform guess over 256 bytes (ln 256 = 5.55) are
     # only reached by diverging runs; cutting there keeps the other curves legible.
@@ -645,7 +661,9 @@ def plot_loss_curves(outcomes: list[RunOutcome], recipes: list[str], path: Path,
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry point: ``python -m fp4compile.bench_train [options]``."""
-    parser = argparse.ArgumentParser(prog="fp4compile bench train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="fp4compile bench train", description="Train one model under every recipe and compare losses."
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -26,8 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from fp4compile.data import BatchSampler, val_batches
+from fp4compile.models.llama import Llama, LlamaConfig
 
 __all__ = [
     "TrainConfig",
@@ -58,7 +60,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; <= 0 measures the norm without clipping
     eval_every: int = 50  # steps between validation passes (the last step is always evaluated)
-    eval_sequences: int = 256  # validation windows; 256 x 128 bytes puts the loss's noise well below 0.1%
+    eval_sequences: int = 256  # validation windows: one fixed set, identical for every recipe and step
     seed: int = 0
     # Autocast dtype of the forward pass: "float32" (no autocast) or "bfloat16".
     # Parameters and optimizer state stay float32 either way.
@@ -117,14 +119,12 @@ class TrainResult:
         return self.history[-1].train_loss if self.history else float("nan")
 
 
-def build_model(config, seed: int, device: torch.device | str = "cpu") -> nn.Module:
+def build_model(config: LlamaConfig, seed: int, device: torch.device | str = "cpu") -> Llama:
     """A :class:`~fp4compile.models.llama.Llama` initialized from ``torch.manual_seed(seed)``.
 
     Initialization runs on the CPU and is then moved, so a seed gives the same
     weights on every device and for every recipe.
     """
-    from fp4compile.models.llama import Llama
-
     torch.manual_seed(seed)
     return Llama(config).to(device)
 
@@ -246,13 +246,13 @@ def load_checkpoint(
     Returns the checkpoint's ``step``, ``history`` (as :class:`StepRecord`),
     ``sampler`` state and ``extra`` dict.
     """
-    device = next(model.parameters()).device
-    payload = torch.load(path, map_location=device, weights_only=True)
+    # Loaded on the CPU: RNG and generator states must be CPU tensors, and
+    # load_state_dict moves weights and optimizer moments to the parameters' device.
+    payload = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(payload["model"])
     if optimizer is not None:
         optimizer.load_state_dict(payload["optimizer"])
     _restore_rng_states(payload["rng"])
-    payload["sampler"]["generator_state"] = payload["sampler"]["generator_state"].cpu()
     return {
         "step": payload["step"],
         "history": [StepRecord(**record) for record in payload["history"]],
@@ -285,8 +285,6 @@ def train(
     end); with ``resume=True`` and an existing checkpoint, training continues
     from it.
     """
-    from tqdm import tqdm
-
     device = next(model.parameters()).device
     optimizer = make_optimizer(model, cfg)
     sampler = BatchSampler(train_data, cfg.batch_size, cfg.seq_len, seed=cfg.seed, device=device)

@@ -12,10 +12,12 @@ resources fetched from anywhere), so it can be attached to a CI run or opened
 from a machine without network access.
 
 Layout: networkx holds the structure (one vertex per FX node, one edge per input
-use) and supplies the layers (``nx.topological_generations``); nodes are then
-placed with a small layered-drawing heuristic (barycentre sweeps) so that chains
-stay in one column and wide layers wrap onto several rows. The SVG grows with
-the node count and sits in a scrollable box.
+use) and supplies the layers (``nx.topological_generations``) and the longest
+path. That path, the model's main flow, is drawn as a straight vertical spine;
+the other nodes are placed around it with a small layered-drawing heuristic
+(barycentre sweeps, least-squares row packing), weights sit next to the node
+that uses them, long edges run in lanes of their own and wide layers wrap onto
+several rows. The SVG grows with the node count and sits in a scrollable box.
 """
 
 from __future__ import annotations
@@ -90,7 +92,9 @@ _ROW_GAP = 46.0
 _MARGIN = 24.0
 _WAYPOINT_WIDTH = 4.0  # lane reserved for a long edge crossing a row
 _WAYPOINT_GAP = 6.0
-_WAYPOINT_WEIGHT = 0.02  # how hard a lane resists moving, relative to a node
+# How hard an item resists being moved when a row is packed, relative to a computed node.
+_WAYPOINT_WEIGHT = 1e-4  # tiny: even hundreds of lanes in a row must not push a node
+_SIDE_WEIGHT = 0.1  # hanging nodes (see _hanging_nodes)
 _MAX_NODES_PER_ROW = 14
 _LABEL_CHARS = 20
 _SWEEPS = 5  # odd: the last sweep goes downwards, aligning nodes under their inputs
@@ -210,7 +214,10 @@ def _layout(dag: nx.DiGraph) -> _Layout:
     that many long edges enter (a graph output, a concat), all of those share the
     lanes leading into it ("to"). That keeps fan-outs and fan-ins one lane wide.
     """
-    rows: list[list[str | _Waypoint]] = list(_assign_rows(dag))
+    hanging = _hanging_nodes(dag)
+    rows: list[list[str | _Waypoint]] = list(_assign_rows(dag, hanging))
+    if not rows:
+        return _Layout({}, {}, 0.0, 0.0)
     row_of = {name: index for index, row in enumerate(rows) for name in row}
     long_edges = [(u, v) for u, v in dag.edges if row_of[v] - row_of[u] > 1]
     long_out = Counter(u for u, _ in long_edges)
@@ -233,7 +240,7 @@ def _layout(dag: nx.DiGraph) -> _Layout:
         layout_graph.add_edge(previous, target)
         chains[(source, target)] = chain
 
-    x_of = _order_within_rows(dag, layout_graph, rows)
+    x_of = _order_within_rows(dag, layout_graph, rows, hanging)
     row_pitch = _NODE_HEIGHT + _ROW_GAP
     y_of_row = [_MARGIN + _NODE_HEIGHT / 2 + index * row_pitch for index in range(len(rows))]
 
@@ -247,14 +254,29 @@ def _layout(dag: nx.DiGraph) -> _Layout:
     return _Layout(centres, edge_waypoints, width + _MARGIN, height + _MARGIN)
 
 
-def _assign_rows(dag: nx.DiGraph) -> list[list[str]]:
+def _hanging_nodes(dag: nx.DiGraph) -> set[str]:
+    """Graph inputs and the single-input chains hanging off them.
+
+    A weight, its transpose and its quantization hang off the graph; a node that
+    combines two inputs (the GEMM using that weight) belongs to the main flow.
+    """
+    hanging: set[str] = set()
+    for name in nx.topological_sort(dag):
+        inputs = list(dag.predecessors(name))
+        if not inputs or (len(inputs) == 1 and inputs[0] in hanging):
+            hanging.add(name)
+    return hanging
+
+
+def _assign_rows(dag: nx.DiGraph, hanging: set[str]) -> list[list[str]]:
     """Split the nodes into rows, top to bottom; every edge points to a lower row.
 
-    Layers come from ``nx.topological_generations``. Source nodes (placeholders,
-    constants) are then moved down to sit just above their first user, otherwise
-    every parameter of a model would crowd into the first layer. Layers wider
-    than ``_MAX_NODES_PER_ROW`` wrap onto several rows; there are no edges within
-    a layer, so wrapping keeps all edges pointing downwards.
+    Layers come from ``nx.topological_generations``. Hanging nodes (a weight,
+    its transpose, its quantization) are then moved down to sit just above their
+    first user, otherwise every parameter of a model and everything computed
+    from it alone would crowd into the first layers, far from where it is used.
+    Layers wider than ``_MAX_NODES_PER_ROW`` wrap onto several rows; there are
+    no edges within a layer, so wrapping keeps all edges pointing downwards.
     """
     if dag.number_of_nodes() == 0:
         return []
@@ -262,9 +284,9 @@ def _assign_rows(dag: nx.DiGraph) -> list[list[str]]:
     for depth, generation in enumerate(nx.topological_generations(dag)):
         for name in generation:
             layer_of[name] = depth
-    for name in dag.nodes:
+    for name in reversed(list(nx.topological_sort(dag))):  # users are final before their inputs
         users = list(dag.successors(name))
-        if dag.in_degree(name) == 0 and users:
+        if name in hanging and users:
             layer_of[name] = min(layer_of[user] for user in users) - 1
 
     layers: list[list[str]] = [[] for _ in range(max(layer_of.values()) + 1)]
@@ -279,75 +301,147 @@ def _assign_rows(dag: nx.DiGraph) -> list[list[str]]:
 
 
 def _order_within_rows(
-    dag: nx.DiGraph, layout_graph: nx.DiGraph, rows: list[list[Any]]
+    dag: nx.DiGraph, layout_graph: nx.DiGraph, rows: list[list[Any]], hanging: set[str]
 ) -> dict[Any, float]:
-    """Horizontal centre of every node and waypoint, from alternating barycentre sweeps.
+    """Horizontal centre of every node and waypoint.
 
-    Each sweep pulls an item towards the mean x of its neighbours on the side
-    already visited (inputs on the way down, users on the way up), then packs the
-    row left to right without overlaps, keeping the row's centre where its items
-    wanted to be. A chain of single-input nodes therefore stays in one column.
+    The longest path through the graph, the model's main flow, is the spine: it
+    is drawn as one straight vertical line at x = 0 and never moves. Everything
+    else is placed around it by alternating barycentre sweeps: each sweep pulls
+    an item towards the mean x of its neighbours on the side already visited
+    (inputs on the way down, users on the way up), then packs the row without
+    overlaps (see :func:`_pack_row`). Without a fixed spine, every repeated block
+    of a deep model adds the same small sideways offset and the drawing drifts
+    far off to one side.
 
-    Nodes are pulled by the FX nodes they are connected to (``dag``), however many
-    rows away, and never by waypoints: a bundle lane sits at the edge of its row,
-    and following it would make long chains drift sideways row after row.
-    Waypoints follow their neighbours along the edge (``layout_graph``).
+    Nodes are pulled by the FX nodes they are connected to (``dag``), however
+    many rows away, never by waypoints; waypoints follow their neighbours along
+    the edge (``layout_graph``). Hanging nodes (weights and single-input chains
+    off them) do not pull their users, and when a row is packed they and the
+    waypoints step aside for the nodes that carry the flow on.
     """
+    spine = set(nx.dag_longest_path(dag))
+    weight_of: dict[Any, float] = {}
+    for row in rows:
+        for item in row:
+            if _is_waypoint(item):
+                weight_of[item] = _WAYPOINT_WEIGHT
+            elif item in hanging:
+                weight_of[item] = _SIDE_WEIGHT
+            else:
+                weight_of[item] = 1.0
+
+    # Start with every row packed around x = 0, its spine node (if any) in the middle.
     x_of: dict[Any, float] = {}
     for row in rows:
-        x = 0.0
-        for previous, item in zip([None, *row], row):
-            if previous is not None:
-                x += _min_distance(previous, item)
-            x_of[item] = x
+        others = [item for item in row if item not in spine]
+        middle = len(others) // 2
+        row[:] = others[:middle] + [item for item in row if item in spine] + others[middle:]
+        x_of.update(dict.fromkeys(row, 0.0))
+        _pack_row(row, dict.fromkeys(row, 0.0), weight_of, x_of, spine)
 
     for sweep in range(_SWEEPS):
         downwards = sweep % 2 == 0
         for row in rows if downwards else reversed(rows):
             desired: dict[Any, float] = {}
             for item in row:
-                graph = layout_graph if _is_waypoint(item) else dag
-                neighbours = list(graph.predecessors(item) if downwards else graph.successors(item))
-                if neighbours:
-                    desired[item] = sum(x_of[n] for n in neighbours) / len(neighbours)
+                if item in spine:
+                    desired[item] = 0.0
+                    continue
+                pulling = _pulling_neighbours(item, downwards, dag, layout_graph, hanging)
+                if pulling:
+                    desired[item] = sum(x_of[n] for n in pulling) / len(pulling)
                 else:
                     desired[item] = x_of[item]
-            _pack_row(row, desired, x_of)
+            _pack_row(row, desired, weight_of, x_of, spine)
+
+    # Last, move every hanging node as close to its users as its row allows,
+    # bottom-up so that a weight follows its transpose, which follows its user.
+    for row in reversed(rows):
+        attached = [
+            item for item in row if item in hanging and item not in spine and dag.out_degree(item)
+        ]
+        if attached:
+            desired = {item: x_of[item] for item in row}
+            for item in attached:
+                users = list(dag.successors(item))
+                desired[item] = sum(x_of[user] for user in users) / len(users)
+            _pack_row(row, desired, weight_of, x_of, spine)
 
     left = min(x_of[item] - _item_width(item) / 2 for row in rows for item in row)
     return {item: x - left + _MARGIN for item, x in x_of.items()}
 
 
-def _pack_row(row: list[Any], desired: dict[Any, float], x_of: dict[Any, float]) -> None:
+def _pulling_neighbours(
+    item: Any, downwards: bool, dag: nx.DiGraph, layout_graph: nx.DiGraph, hanging: set[str]
+) -> list[Any]:
+    """The items whose x pulls ``item`` in a sweep (see :func:`_order_within_rows`)."""
+    if _is_waypoint(item):
+        return list(layout_graph.predecessors(item) if downwards else layout_graph.successors(item))
+    if not downwards:
+        return list(dag.successors(item))
+    inputs = list(dag.predecessors(item))
+    return [n for n in inputs if n not in hanging] or inputs
+
+
+def _pack_row(
+    row: list[Any],
+    desired: dict[Any, float],
+    weight_of: dict[Any, float],
+    x_of: dict[Any, float],
+    pinned: set[Any] | frozenset[Any] = frozenset(),
+) -> None:
     """Place ``row`` in ``desired`` order, without overlaps, as close to ``desired`` as possible.
 
     "As close as possible" is weighted least squares, solved exactly by
     pool-adjacent-violators: subtracting each item's minimum offset from the
     row's first item turns "no overlaps" into "non-decreasing", and the best
-    non-decreasing fit is a run of blocks, each at its weighted mean. A waypoint
-    weighs far less than a node, so long edges step aside for nodes rather than
-    pushing them around, and nothing is shifted that did not have to move.
+    non-decreasing fit is a run of blocks, each at its weighted mean. Light
+    items (waypoints, hanging nodes) step aside for heavy ones rather than
+    pushing them around, and nothing is shifted that did not have to move. A
+    ``pinned`` item (at most one per row: the spine crosses each row once) stays
+    exactly at its desired x, and its block is laid out around it.
     """
-    row.sort(key=lambda item: (desired[item], x_of[item]))
+    # Rounded keys: float noise must not decide the order of items that want the same x.
+    row.sort(key=lambda item: (round(desired[item], 3), round(x_of[item], 3)))
     offsets = [0.0]
     for left, right in zip(row, row[1:]):
         offsets.append(offsets[-1] + _min_distance(left, right))
 
-    blocks: list[list[float]] = []  # [weight, weighted sum, item count]
+    blocks: list[_Block] = []
     for item, offset in zip(row, offsets):
-        weight = _WAYPOINT_WEIGHT if _is_waypoint(item) else 1.0
-        blocks.append([weight, weight * (desired[item] - offset), 1])
-        while len(blocks) > 1 and blocks[-2][1] / blocks[-2][0] > blocks[-1][1] / blocks[-1][0]:
-            weight, total, count = blocks.pop()
-            blocks[-1][0] += weight
-            blocks[-1][1] += total
-            blocks[-1][2] += count
+        weight = weight_of[item]
+        target = desired[item] - offset
+        blocks.append(_Block(weight, weight * target, 1, target if item in pinned else None))
+        while len(blocks) > 1 and blocks[-2].position > blocks[-1].position:
+            blocks[-2].absorb(blocks.pop())
 
     index = 0
-    for weight, total, count in blocks:
-        for _ in range(count):
-            x_of[row[index]] = total / weight + offsets[index]
+    for block in blocks:
+        for _ in range(block.count):
+            x_of[row[index]] = block.position + offsets[index]
             index += 1
+
+
+@dataclass
+class _Block:
+    """A run of items in :func:`_pack_row` that are packed tightly and move together."""
+
+    weight: float
+    weighted_sum: float
+    count: int
+    pinned_at: float | None
+
+    @property
+    def position(self) -> float:
+        return self.pinned_at if self.pinned_at is not None else self.weighted_sum / self.weight
+
+    def absorb(self, other: _Block) -> None:
+        self.weight += other.weight
+        self.weighted_sum += other.weighted_sum
+        self.count += other.count
+        if self.pinned_at is None:
+            self.pinned_at = other.pinned_at
 
 
 def _is_waypoint(item: Any) -> bool:
@@ -423,18 +517,22 @@ def _edge_path(
     half = _NODE_HEIGHT / 2
     x, y = source_xy[0], source_xy[1] + half
     commands = [f"M{x:.1f},{y:.1f}"]
-    for lane_x, lane_y in [*waypoints, target_xy]:
-        top = lane_y - half
-        bend = (top - y) / 2
-        commands.append(f"C{x:.1f},{y + bend:.1f} {lane_x:.1f},{top - bend:.1f} {lane_x:.1f},{top:.1f}")
+    for lane_x, lane_y in waypoints:
+        commands.append(_s_curve(x, y, lane_x, lane_y - half))
         x, y = lane_x, lane_y + half
-        if (lane_x, lane_y) != target_xy:
-            commands.append(f"L{x:.1f},{y:.1f}")
+        commands.append(f"L{x:.1f},{y:.1f}")
+    commands.append(_s_curve(x, y, target_xy[0], target_xy[1] - half))
     css_class = "edge long-edge" if waypoints else "edge"
     return (
         f'<path class="{css_class}" d="{" ".join(commands)}" marker-end="url(#arrow)" '
         f'data-source="{_escape(source)}" data-target="{_escape(target)}"/>'
     )
+
+
+def _s_curve(x0: float, y0: float, x1: float, y1: float) -> str:
+    """Path command for a cubic curve from the current point (x0, y0) down to (x1, y1)."""
+    bend = (y1 - y0) / 2
+    return f"C{x0:.1f},{y0 + bend:.1f} {x1:.1f},{y1 - bend:.1f} {x1:.1f},{y1:.1f}"
 
 
 def _node_group(node: torch.fx.Node, kind: str, centre: tuple[float, float]) -> str:
@@ -463,8 +561,9 @@ def _node_shape(style: _KindStyle, width: float = _NODE_WIDTH, height: float = _
     if style.highlighted:
         pad = 4.0
         halo = (
-            f'<rect class="halo" x="{-w - pad:.1f}" y="{-h - pad:.1f}" width="{width + 2 * pad:.1f}" '
-            f'height="{height + 2 * pad:.1f}" rx="6" fill="{style.stroke}" fill-opacity="0.18" stroke="none"/>'
+            f'<rect class="halo" x="{-w - pad:.1f}" y="{-h - pad:.1f}" '
+            f'width="{width + 2 * pad:.1f}" height="{height + 2 * pad:.1f}" rx="6" '
+            f'fill="{style.stroke}" fill-opacity="0.18" stroke="none"/>'
         )
 
     if style.shape == "rect":
@@ -482,7 +581,9 @@ def _node_shape(style: _KindStyle, width: float = _NODE_WIDTH, height: float = _
         )
     elif style.shape == "hexagon":
         cut = h
-        shape = _polygon([(-w, 0), (-w + cut, -h), (w - cut, -h), (w, 0), (w - cut, h), (-w + cut, h)], paint)
+        shape = _polygon(
+            [(-w, 0), (-w + cut, -h), (w - cut, -h), (w, 0), (w - cut, h), (-w + cut, h)], paint
+        )
     elif style.shape == "parallelogram":
         slant = 10.0
         shape = _polygon([(-w + slant, -h), (w, -h), (w - slant, h), (-w, h)], paint)
@@ -554,16 +655,21 @@ def _format_cell(value: Any) -> str:
 
 
 def _describe_target(target: Any) -> str:
-    """Readable FX target: attribute path, ``aten.mm.default`` or ``module.function``."""
+    """Readable FX target: ``layer.weight``, ``aten.mm.default``, ``torch.matmul``, ..."""
     if isinstance(target, str):
         return target
     if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
         return str(target)
-    qualname = getattr(target, "__qualname__", None) or getattr(target, "__name__", None)
+    name = getattr(target, "__name__", None)
+    qualname = getattr(target, "__qualname__", None) or name
     module = getattr(target, "__module__", None)
-    if qualname:
-        return f"{module}.{qualname}" if module else qualname
-    return str(target)
+    if not qualname:
+        return str(target)
+    if qualname.startswith("_VariableFunctionsClass.") and name:  # torch.clamp, torch.matmul, ...
+        return f"torch.{name}"
+    if module == "_operator":
+        module = "operator"
+    return f"{module}.{qualname}" if module else qualname
 
 
 def _truncate(text: str, limit: int) -> str:

@@ -1,0 +1,16 @@
+# The two commands of the README. Each does all set-up on a fresh machine first.
+PYTHON ?= python3
+
+.PHONY: demo test setup browser
+
+setup:
+	PYTHON=$(PYTHON) bash scripts/setup.sh
+
+browser:
+	bash scripts/install_browser.sh
+
+demo: setup
+	$(PYTHON) -m fp4compile demo
+
+test: setup browser
+	$(PYTHON) -m pytest -q -rs

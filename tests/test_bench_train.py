@@ -1,0 +1,255 @@
+"""The training loop and the multi-recipe benchmark, on the tiny model with stock backends.
+
+These check the plumbing (schedule, resumption, divergence handling, outputs);
+the FP4 numerics are tested elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from fp4compile import bench_train
+from fp4compile.data import load_corpus, split_train_val
+from fp4compile.models import preset
+from fp4compile.training import TrainConfig, build_model, lr_at, train
+
+TINY = dict(batch_size=4, seq_len=32, eval_sequences=8)
+
+
+@pytest.fixture(scope="module")
+def splits() -> tuple[torch.Tensor, torch.Tensor]:
+    return split_train_val(load_corpus(max_bytes=100_000), 0.1)
+
+
+def bench_args(tmp_path, *extra: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench_train.add_arguments(parser)
+    return parser.parse_args(
+        ["--preset", "tiny", "--backend", "eager", "--out", str(tmp_path), "--no-progress",
+         "--batch-size", "4", "--seq-len", "32", "--eval-sequences", "8", "--max-bytes", "100000", *extra]
+    )
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def test_lr_schedule_warmup_peak_and_end():
+    cfg = TrainConfig(steps=100, lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(4, cfg) == pytest.approx(5e-4)
+    assert lr_at(9, cfg) == 1e-3  # end of warmup: the peak, exactly
+    assert lr_at(10, cfg) == 1e-3  # start of the cosine
+    midpoint = 10 + (99 - 10) / 2
+    assert lr_at(int(midpoint), cfg) == pytest.approx(5.5e-4, rel=0.02)
+    assert lr_at(99, cfg) == 1e-4  # last step: the floor, exactly
+    lrs = [lr_at(step, cfg) for step in range(10, 100)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    no_warmup = TrainConfig(steps=5, lr=1.0, min_lr=0.0, warmup_steps=0)
+    assert lr_at(0, no_warmup) == 1.0 and lr_at(4, no_warmup) == 0.0
+
+
+# ---------------------------------------------------------------- training loop
+
+
+def test_train_logs_every_step_and_learns(splits):
+    cfg = TrainConfig(steps=8, warmup_steps=1, eval_every=4, lr=3e-3, min_lr=3e-4, **TINY)
+    model = build_model(preset("tiny"), seed=0)
+    seen = []
+    result = train(model, model, cfg, *splits, on_step=seen.append, progress=False)
+    assert not result.diverged and result.steps_completed == 8
+    assert [r.step for r in result.history] == list(range(1, 9)) and seen == result.history
+    assert [r.tokens for r in result.history] == [128 * s for s in range(1, 9)]
+    evaluated = [r.step for r in result.history if not math.isnan(r.val_loss)]
+    assert evaluated == [4, 8]
+    assert result.history[-1].train_loss < result.history[0].train_loss
+    assert result.final_val_loss == result.history[-1].val_loss < math.log(256)
+    assert result.tokens_per_s > 0
+
+
+def test_resume_is_bitwise_identical(splits, tmp_path):
+    cfg = TrainConfig(steps=6, warmup_steps=2, eval_every=2, lr=3e-3, min_lr=3e-4, seed=5, **TINY)
+    reference_model = build_model(preset("tiny"), seed=cfg.seed)
+    reference = train(reference_model, reference_model, cfg, *splits, progress=False)
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt_after_step_4(record):
+        if record.step == 4:
+            raise Interrupted
+
+    checkpoint = tmp_path / "run.pt"
+    model = build_model(preset("tiny"), seed=cfg.seed)
+    with pytest.raises(Interrupted):
+        train(model, model, cfg, *splits, on_step=interrupt_after_step_4, progress=False,
+              checkpoint_path=checkpoint, checkpoint_every=3)
+    assert checkpoint.exists()
+
+    # a fresh process would start from a different init; the checkpoint must override it
+    resumed_model = build_model(preset("tiny"), seed=99)
+    torch.manual_seed(1234)
+    resumed = train(resumed_model, resumed_model, cfg, *splits, progress=False,
+                    checkpoint_path=checkpoint, checkpoint_every=3, resume=True)
+
+    def losses(result):
+        return [(r.step, r.tokens, r.train_loss, r.val_loss, r.grad_norm, r.lr) for r in result.history]
+
+    assert len(resumed.history) == 6
+    assert str(losses(resumed)) == str(losses(reference))  # str(): NaN == NaN, exact floats
+    for (name, p), q in zip(reference_model.named_parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_nan_loss_ends_the_run_as_diverged(splits):
+    cfg = TrainConfig(steps=10, warmup_steps=1, eval_every=5, **TINY)
+    model = build_model(preset("tiny"), seed=0)
+
+    def poison_weights_after_step_2(record):
+        if record.step == 2:
+            with torch.no_grad():
+                model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+
+    result = train(model, model, cfg, *splits, on_step=poison_weights_after_step_2, progress=False)
+    assert result.diverged and result.diverged_at_step == 3
+    assert result.steps_completed == 2 and len(result.history) == 3
+    assert math.isnan(result.history[-1].train_loss)
+    assert math.isnan(result.final_val_loss)
+
+
+# ---------------------------------------------------------------- benchmark
+
+
+def test_recipe_options():
+    assert bench_train.recipe_options("paper") == {"recipe": "paper"}
+    assert bench_train.recipe_options("w4a8-ste") == {"recipe": "w4a8", "dge_clamp": None}
+    assert bench_train.recipe_options("w8a4-no-occ") == {"recipe": "w8a4", "occ_alpha": None}
+    assert bench_train.recipe_options("paper-tensorwise") == {
+        "recipe": "paper", "weight_granularity": "tensor", "act_granularity": "tensor"}
+    assert set(bench_train.RECIPE_NAMES) == {
+        "bf16", "fp8", "fp4-direct", "paper", "w4a8", "w4a8-ste", "w8a4", "w8a4-no-occ", "paper-tensorwise"}
+    with pytest.raises(ValueError, match="unknown recipe"):
+        bench_train.recipe_options("fp2")
+
+
+def test_bench_writes_csvs_plot_and_paired_summary(tmp_path):
+    args = bench_args(tmp_path, "--recipes", "bf16,paper", "--seeds", "2", "--steps", "3")
+    assert bench_train.run(args) == 0
+
+    for recipe in ("bf16", "paper"):
+        for seed in (0, 1):
+            rows = read_csv(tmp_path / f"{recipe}_seed{seed}.csv")
+            assert [int(r["step"]) for r in rows] == [1, 2, 3]
+            assert {"step", "tokens", "train_loss", "val_loss", "grad_norm", "step_time_s"} <= set(rows[0])
+            assert json.loads((tmp_path / f"{recipe}_seed{seed}.json").read_text())["diverged"] is False
+    # the same seed gives the same init and batches whatever the recipe (eager: same numbers)
+    bf16_seed0, paper_seed0 = read_csv(tmp_path / "bf16_seed0.csv"), read_csv(tmp_path / "paper_seed0.csv")
+    assert bf16_seed0[-1]["val_loss"] == paper_seed0[-1]["val_loss"]
+    assert bf16_seed0[0]["train_loss"] != read_csv(tmp_path / "bf16_seed1.csv")[0]["train_loss"]
+
+    assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| recipe | final val loss | gap to bf16 (%) | gap std (%) | tokens/s | diverged |" in summary
+    assert "| paper |" in summary and "+0.00 | 0.00 |" in summary
+    assert "torch " + torch.__version__ in summary and "wall time" in summary and "CPUs" in summary
+    rows = {row["recipe"]: row for row in json.loads((tmp_path / "summary.json").read_text())["rows"]}
+    assert rows["paper"]["gap_to_bf16_pct_mean"] == 0.0 and rows["paper"]["gap_seeds"] == 2
+    assert not list((tmp_path / "checkpoints").glob("*.pt"))  # finished runs leave no checkpoint
+
+
+def test_bench_reports_divergence_and_finishes_other_recipes(tmp_path, monkeypatch):
+    stock_compile = bench_train.compile_for_recipe
+
+    def compile_with_nan_for_fp8(model, recipe, backend):
+        compiled = stock_compile(model, recipe, backend)
+        if recipe != "fp8":
+            return compiled
+        calls = {"training": 0}
+
+        def forward(idx):
+            logits = compiled(idx)
+            if torch.is_grad_enabled():
+                calls["training"] += 1
+                if calls["training"] >= 2:
+                    return logits * float("nan")
+            return logits
+
+        return forward
+
+    monkeypatch.setattr(bench_train, "compile_for_recipe", compile_with_nan_for_fp8)
+    args = bench_args(tmp_path, "--recipes", "fp8,bf16,paper", "--steps", "3")
+    assert bench_train.run(args) == 0
+
+    assert json.loads((tmp_path / "fp8_seed0.json").read_text())["diverged_at_step"] == 2
+    for recipe in ("bf16", "paper"):
+        assert len(read_csv(tmp_path / f"{recipe}_seed0.csv")) == 3
+    summary = (tmp_path / "summary.md").read_text()
+    fp8_line = next(line for line in summary.splitlines() if line.startswith("| fp8 |"))
+    assert "yes (step 2)" in fp8_line and "n/a" in fp8_line
+    assert next(line for line in summary.splitlines() if line.startswith("| paper |")).endswith("| no |")
+
+
+def test_bench_resume_skips_finished_runs_and_continues_interrupted_ones(tmp_path, monkeypatch):
+    reference_dir, run_dir = tmp_path / "reference", tmp_path / "interrupted"
+    common = ("--steps", "5", "--checkpoint-every", "2")
+    assert bench_train.run(bench_args(reference_dir, "--recipes", "paper", *common)) == 0
+    common = ("--recipes", "bf16,paper", *common)
+
+    stock_compile = bench_train.compile_for_recipe
+    compiled_recipes = []
+
+    def interrupt_paper_at_step_4(model, recipe, backend):
+        compiled_recipes.append(recipe)
+        compiled = stock_compile(model, recipe, backend)
+        if recipe != "paper":
+            return compiled
+        calls = {"training": 0}
+
+        def forward(idx):
+            if torch.is_grad_enabled():
+                calls["training"] += 1
+                if calls["training"] == 4:
+                    raise KeyboardInterrupt  # as if the user pressed Ctrl-C
+            return compiled(idx)
+
+        return forward
+
+    monkeypatch.setattr(bench_train, "compile_for_recipe", interrupt_paper_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        bench_train.run(bench_args(run_dir, *common))
+    assert (run_dir / "bf16_seed0.json").exists() and not (run_dir / "paper_seed0.json").exists()
+    assert (run_dir / "checkpoints" / "paper_seed0.pt").exists()
+
+    monkeypatch.setattr(bench_train, "compile_for_recipe", stock_compile)
+    compiled_recipes.clear()
+    finished_before = (run_dir / "bf16_seed0.json").read_text()
+    monkeypatch.setattr(bench_train, "compile_for_recipe",
+                        lambda *a: compiled_recipes.append(a[1]) or stock_compile(*a))
+    assert bench_train.run(bench_args(run_dir, *common, "--resume")) == 0
+    assert compiled_recipes == ["paper"]  # bf16 was complete and is not rerun
+    assert (run_dir / "bf16_seed0.json").read_text() == finished_before
+
+    def losses(path):
+        return [(r["step"], r["train_loss"], r["val_loss"], r["grad_norm"]) for r in read_csv(path)]
+
+    assert losses(run_dir / "paper_seed0.csv") == losses(reference_dir / "paper_seed0.csv")
+    assert "| paper |" in (run_dir / "summary.md").read_text()
+
+    # other settings in the same folder are refused instead of mixed in
+    assert bench_train.run(bench_args(run_dir, "--recipes", "bf16", "--steps", "7", "--resume")) == 2
+
+
+def test_bench_rejects_bad_arguments(tmp_path, capsys):
+    assert bench_train.run(bench_args(tmp_path, "--recipes", "bf16,fp3")) == 2
+    assert "unknown recipe" in capsys.readouterr().err
+    assert bench_train.run(bench_args(tmp_path, "--seq-len", "4096")) == 2
