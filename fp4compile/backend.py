@@ -42,9 +42,42 @@ def _target(config: Fp4Config, example_inputs) -> str:
     return "cpu"
 
 
+def _root_module_names(gm):
+    """Module paths of the model dynamo is compiling, when it is an nn.Module.
+
+    The parameters' sources name the root local (e.g. L['self']); the frame being
+    traced holds it. Returns None when that cannot be found (a plain function).
+    """
+    import re
+
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        roots = set()
+        for node in gm.graph.nodes:
+            source = getattr(getattr(node.meta.get("grapharg"), "source", None), "name", None)
+            match = re.match(r"L\['([^']+)'\]", source) if isinstance(source, str) else None
+            if match and "_parameters[" in source:
+                roots.add(match.group(1))
+        modules = [tx.f_locals.get(r) for r in roots]
+    except Exception:  # dynamo internals moved: skip the check rather than fail
+        return None
+    modules = [m for m in modules if isinstance(m, torch.nn.Module)]
+    if not modules:
+        return None
+    return [name for m in modules for name, _ in m.named_modules()]
+
+
 def prepare(gm, example_inputs, options, backend: str):
     """Validate options, run the passes, record and log the report."""
+    from .passes.policy import check_skip_patterns
+
     config = _config(options)
+    try:
+        check_skip_patterns(config, _root_module_names(gm))
+    except ValueError as exc:
+        raise Fp4OptionsError(str(exc)) from None
     report = GraphReport(graph_id=next_graph_id(), backend=backend, config=config)
     run_passes(gm, example_inputs, config, _target(config, example_inputs), report)
     add_report(report)

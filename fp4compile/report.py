@@ -31,6 +31,7 @@ class MatmulSite:
     dtype: object = None  # the weight's dtype
     # (matmul, activation, weight, bias) graph nodes, for the rewrite pass only.
     fx_nodes: tuple = field(default=(), repr=False, compare=False)
+    graph_module: object = field(default=None, repr=False, compare=False)  # graph holding the node
 
     @property
     def in_features(self):
@@ -45,6 +46,8 @@ class MatmulSite:
         m = 1
         for d in self.act_shape[:-1]:
             m = m * d
+        if len(self.weight_shape) != 2:
+            return m, (self.act_shape[-1] if self.act_shape else "?"), self.weight_shape[-1] if self.weight_shape else "?"
         return m, self.in_features, self.out_features
 
     def row(self, config=None) -> dict:

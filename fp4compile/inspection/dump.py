@@ -1,10 +1,170 @@
-"""Automatic graph dumps: every compile writes its dump when FP4COMPILE_DUMP_DIR is set."""
+"""Graph dumps: the files that show what the FP4 rewrite did to one captured graph.
+
+A dump folder holds one subfolder per graph (`graph_0/`, `graph_1/`, ...):
+
+    before.py    the graph dynamo captured (`GraphModule.code`), when known
+    after.py     the same graph after the passes: the inserted clamp / quantize /
+                 FP4 GEMM / compensate calls are plain lines of Python
+    sites.md     the site table, one row per matmul site, with the decision
+    sites.csv    the same, machine-readable (M, K, N in separate columns)
+    graph.html   the rewritten graph drawn with the inserted and skipped nodes marked
+
+and an `index.md` listing the graphs with their summaries.
+
+`Inspection.save(dir)` writes such a folder on demand. `maybe_dump` writes one
+for every graph any fp4 backend compiles when the environment variable
+FP4COMPILE_DUMP_DIR is set, so a training script can be inspected without
+changing it.
+"""
 from __future__ import annotations
 
+import csv
 import os
+import re
+from pathlib import Path
+
+from ..report import format_table
+from ..runtime import linear_ops
+from .html import write_graph_html
+
+DUMP_DIR_ENV = "FP4COMPILE_DUMP_DIR"
+
+# Node kinds of the HTML view (inspection/html.py) for the ops the rewrite inserts.
+INSERTED_KINDS = {
+    linear_ops.occ_clamp_op: "occ_clamp",
+    linear_ops.quantize_activation_op: "quantize",
+    linear_ops.quantize_weight_op: "quantize",
+    linear_ops.fp4_gemm_op: "fp4_gemm",
+    linear_ops.compensate_op: "compensate",
+}
 
 
-def maybe_dump(gm, report) -> None:
-    """Placeholder until the inspection dump lands: nothing unless the env var is set."""
-    if not os.environ.get("FP4COMPILE_DUMP_DIR"):
+def describe_formats(config) -> str:
+    """One line: how weights, activations and gradients are quantized under `config`."""
+    if not config.quantizes:
+        return f"recipe {config.recipe}: no quantization"
+    dge = f"DGE k={config.dge_k:g}, clamp {config.dge_clamp:g}" if config.dge_clamp is not None else "STE"
+    if config.occ_alpha is None:
+        occ = "no OCC"
+    else:
+        occ = f"OCC alpha={config.occ_alpha} per {config.occ_scope}, {'compensated' if config.occ_compensate else 'not compensated'}"
+    weights = f"{config.weight_fmt}/{config.weight_granularity} ({dge})" if config.weight_fmt else "high precision"
+    acts = f"{config.act_fmt}/{config.act_granularity} ({occ})" if config.act_fmt else "high precision"
+    return f"recipe {config.recipe}: weights {weights}, activations {acts}, gradients {config.grad_fmt or 'high precision'}"
+
+
+def site_row(site, config) -> dict:
+    """One site as a table row: what it is, its GEMM shape, formats and the decision."""
+    m, k, n = site.mkn()
+    occ = "-"
+    if site.quantized and config.occ_alpha is not None:
+        occ = f"{config.occ_alpha:g}/{config.occ_scope}{'+comp' if config.occ_compensate else ''}"
+    fmt = lambda f, g: f"{f}/{g}" if f else "high precision"
+    return {
+        "module": site.module_path or "(root)",
+        "op": site.op,
+        "M x K x N": " x ".join(str(d) for d in (m, k, n)),
+        "weight": fmt(config.weight_fmt, config.weight_granularity) if site.quantized else "-",
+        "activation": fmt(config.act_fmt, config.act_granularity) if site.quantized else "-",
+        "OCC": occ,
+        "decision": "quantized" if site.quantized else "high precision",
+        "reason": site.reason,
+    }
+
+
+def node_kinds(graph, sites) -> dict:
+    """Node name -> HTML node kind: inserted ops by their target, skipped sites' matmuls.
+
+    For a graph before the rewrite (the site matmuls still in it) quantized
+    sites are marked "quantized_matmul".
+    """
+    kinds = {}
+    site_by_node = {site.node: site for site in sites}
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output"):
+            kinds[node.name] = node.op
+        elif node.op == "call_function" and node.target in INSERTED_KINDS:
+            kinds[node.name] = INSERTED_KINDS[node.target]
+        elif node.name in site_by_node:
+            kinds[node.name] = "quantized_matmul" if site_by_node[node.name].quantized else "skipped_matmul"
+    return kinds
+
+
+def summary_line(graph_index: int, sites, config) -> str:
+    quantized = sum(site.quantized for site in sites)
+    return f"graph {graph_index}: quantized {quantized}/{len(sites)} matmul sites (recipe {config.recipe})"
+
+
+def _markdown_table(rows: list[dict]) -> str:
+    cols = list(rows[0])
+    escape = lambda v: str(v).replace("|", "\\|")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(escape(row[c]) for c in cols) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_graph_dump(folder, after_gm, sites, config, graph_index: int, before_code: str | None = None) -> Path:
+    """Write before.py (if given), after.py, sites.md, sites.csv and graph.html into `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if before_code is not None:
+        (folder / "before.py").write_text(before_code, encoding="utf-8")
+    (folder / "after.py").write_text(after_gm.code, encoding="utf-8")
+
+    rows = [site_row(site, config) for site in sites]
+    heading = f"# {summary_line(graph_index, sites, config)}\n\n{describe_formats(config)}\n\n"
+    (folder / "sites.md").write_text(heading + (_markdown_table(rows) if rows else "(no matmul sites)") + "\n",
+                                     encoding="utf-8")
+    with open(folder / "sites.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["graph", "node", "module", "weight_name", "op", "M", "K", "N", "weight_layout",
+                         "weight", "activation", "OCC", "decision", "reason", "inserted"])
+        for site, row in zip(sites, rows):
+            m, k, n = site.mkn()
+            writer.writerow([graph_index, site.node, site.module_path, site.weight_name, site.op, m, k, n,
+                             site.weight_layout, row["weight"], row["activation"], row["OCC"], row["decision"],
+                             site.reason, " ".join(site.inserted)])
+    write_graph_html(folder / "graph.html", after_gm.graph, node_kinds(after_gm.graph, sites), rows,
+                     f"fp4compile graph {graph_index}: {describe_formats(config)}")
+    return folder
+
+
+_GRAPH_FOLDER = re.compile(r"graph_(\d+)$")
+
+
+def write_index(root) -> Path:
+    """(Re)write `root/index.md` from the graph_<i>/ folders present, with each one's summary."""
+    root = Path(root)
+    folders = sorted(
+        (p for p in root.iterdir() if p.is_dir() and _GRAPH_FOLDER.match(p.name)),
+        key=lambda p: int(_GRAPH_FOLDER.match(p.name).group(1)),
+    )
+    lines = ["# fp4compile graph dump", ""]
+    for folder in folders:
+        sites_md = folder / "sites.md"
+        first = sites_md.read_text(encoding="utf-8").splitlines()[0].lstrip("# ") if sites_md.exists() else ""
+        files = " ".join(f"[{f.name}]({folder.name}/{f.name})" for f in sorted(folder.iterdir()) if f.is_file())
+        lines.append(f"- **{folder.name}**: {first}  \n  {files}")
+    lines.append("")
+    path = root / "index.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def maybe_dump(gm, report, before_code: str | None = None) -> None:
+    """Write the dump of one compiled graph into $FP4COMPILE_DUMP_DIR/graph_<id>/, if the variable is set.
+
+    Called by the backend after the passes; `before_code` is the graph's code
+    before them (before.py is skipped when the backend does not pass it).
+    """
+    root = os.environ.get(DUMP_DIR_ENV)
+    if not root:
         return
+    write_graph_dump(Path(root) / f"graph_{report.graph_id}", gm, report.sites, report.config,
+                     report.graph_id, before_code)
+    write_index(root)
+
+
+def format_site_table(sites, config) -> str:
+    """The site table as aligned plain text."""
+    return format_table([site_row(site, config) for site in sites]) if sites else "(no matmul sites)"

@@ -123,26 +123,41 @@ def site_operands(node):
     return node.args[0], None
 
 
-def find_matmul_sites(gm: fx.GraphModule, example_inputs) -> tuple[list[MatmulSite], int]:
-    """All weight matmul sites of `gm`, and the number of activation x activation matmuls."""
-    params = _parameter_placeholders(gm, example_inputs)
-    sites, activation_matmuls = [], 0
+# Higher-order ops whose body runs exactly as traced, so its matmuls can be
+# quantized in place: activation checkpointing recomputes the same body.
+_TRANSPARENT_HOPS = ("tag_activation_checkpoint", "wrap")
+# Bodies whose gradient the user defines: quantizing inside would change their math.
+_HOP_REASONS = {"autograd_function_apply": "inside a custom autograd.Function (its backward is the user's)"}
+
+
+def _hop_name(node) -> str | None:
+    if node.op != "call_function":
+        return None
+    if isinstance(node.target, torch._ops.HigherOrderOperator):
+        return node.target.name()
+    return None
+
+
+def _find_in_graph(gm, params, sites, hop_context):
+    """Collect sites of one graph (recursing into higher-order op bodies)."""
+    activation_matmuls = 0
     for node in gm.graph.nodes:
+        hop = _hop_name(node)
+        if hop is not None:
+            activation_matmuls += _find_in_hop(gm, node, hop, params, sites, hop_context)
+            continue
         form = None
         if node.op == "call_function" and node.target in _LINEAR:
             x, w = node.args[0], node.args[1]
-            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             weight, layout, form = (w, "out_in", "linear") if w in params else (None, None, "linear")
         elif (node.op == "call_function" and node.target in _MATMUL) or (
             node.op == "call_method" and node.target in _MATMUL_METHODS
         ):
             x, rhs = node.args[0], node.args[1]
-            bias, form = None, "matmul"
+            form = "matmul"
             weight, layout = _weight_operand(rhs, params)
-            if weight is None and x in params or _transposed_param(x, params) is not None:
-                weight, layout = None, None  # weight on the left: not a supported site
         elif node.op == "call_function" and node.target in _ADDMM:
-            bias, x, rhs = node.args[0], node.args[1], node.args[2]
+            x, rhs = node.args[1], node.args[2]
             form = "addmm"
             weight, layout = _weight_operand(rhs, params)
             if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
@@ -152,19 +167,51 @@ def find_matmul_sites(gm: fx.GraphModule, example_inputs) -> tuple[list[MatmulSi
         if weight is None:
             activation_matmuls += 1
             continue
+        _, bias = site_operands(node)
         name = params[weight]
-        sites.append(
-            MatmulSite(
-                node=node.name,
-                op=form,
-                module_path=_module_path(node, name),
-                weight_name=name,
-                act_shape=_shape(x),
-                weight_shape=_shape(weight),
-                weight_layout=layout,
-                has_bias=bias is not None,
-                dtype=getattr(_example(weight), "dtype", None),
-                fx_nodes=(node, x, weight, bias),
-            )
+        site = MatmulSite(
+            node=node.name,
+            op=form,
+            module_path=_module_path(node, name),
+            weight_name=name,
+            act_shape=_shape(x),
+            weight_shape=_shape(weight),
+            weight_layout=layout,
+            has_bias=bias is not None,
+            dtype=getattr(_example(weight), "dtype", None),
+            fx_nodes=(node, None, weight, None),
+            graph_module=gm,
         )
+        if hop_context is not None and hop_context not in _TRANSPARENT_HOPS:
+            site.reason = _HOP_REASONS.get(hop_context, f"inside higher-order op {hop_context}")
+        sites.append(site)
+    return activation_matmuls
+
+
+def _find_in_hop(gm, node, hop, params, sites, hop_context):
+    """Map a higher-order op's body placeholders to its operands and search the body."""
+    bodies = [a for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+    operands = [a for a in node.args if not (isinstance(a, fx.Node) and a.op == "get_attr")]
+    operands = [a for group in operands for a in (group if isinstance(group, (list, tuple)) else [group])]
+    found = 0
+    for body_node in bodies:
+        body = getattr(gm, body_node.target, None)
+        if not isinstance(body, fx.GraphModule):
+            continue
+        body_params = {}
+        placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+        for placeholder, operand in zip(placeholders, operands):
+            if isinstance(operand, fx.Node) and operand in params:
+                body_params[placeholder] = params[operand]
+        context = hop if hop_context is None or hop_context in _TRANSPARENT_HOPS else hop_context
+        found += _find_in_graph(body, body_params, sites, context)
+    return found
+
+
+def find_matmul_sites(gm: fx.GraphModule, example_inputs) -> tuple[list[MatmulSite], int]:
+    """All weight matmul sites of `gm` (and of its higher-order op bodies), and the
+    number of activation x activation matmuls left alone."""
+    params = _parameter_placeholders(gm, example_inputs)
+    sites: list[MatmulSite] = []
+    activation_matmuls = _find_in_graph(gm, params, sites, None)
     return sites, activation_matmuls

@@ -60,5 +60,28 @@ def decide(site, config, target: str) -> str:
 def apply_policy(sites, config, target: str) -> None:
     """Set `quantized` and `reason` on every site; check user skip patterns match something."""
     for site in sites:
-        site.reason = decide(site, config, target)
+        # A reason set while finding the site (e.g. inside a user's autograd.Function) stands.
+        site.reason = site.reason or decide(site, config, target)
         site.quantized = not site.reason
+
+
+def check_skip_patterns(config, module_names) -> None:
+    """A user skip pattern that names no module of the model is a typo: say so.
+
+    `module_names` are all module paths of the model being compiled (None when
+    the model is not known, e.g. a plain function: then nothing is checked).
+    The default patterns are exempt: a model without an `lm_head` is fine.
+    """
+    from ..config import DEFAULT_SKIP
+
+    if module_names is None:
+        return
+    names = list(module_names)
+    for pattern in config.skip:
+        if pattern in DEFAULT_SKIP:
+            continue
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            shown = ", ".join(n for n in names[:12] if n) + (", ..." if len(names) > 12 else "")
+            raise ValueError(
+                f"skip pattern {pattern!r} matches no module of the model; module names are: {shown}"
+            )

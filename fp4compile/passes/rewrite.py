@@ -69,15 +69,18 @@ def _rewrite_one(graph: fx.Graph, site, config) -> tuple:
 
 def rewrite_sites(gm: fx.GraphModule, sites, config) -> None:
     """Replace every quantized site's matmul by the quantized-linear nodes."""
-    dead_candidates = []
+    dead_candidates, touched = [], {id(gm): gm}
     for site in sites:
         if site.quantized:
+            owner = site.graph_module or gm  # the top graph or a higher-order op's body
             matmul = site.fx_nodes[0]
             dead_candidates += [a for a in matmul.all_input_nodes if a.op != "placeholder"]
-            site.inserted = _rewrite_one(gm.graph, site, config)
+            site.inserted = _rewrite_one(owner.graph, site, config)
+            touched[id(owner)] = owner
     # Drop the W.t() nodes that only fed the replaced matmuls.
     for node in dead_candidates:
-        if not node.users and node.op in ("call_method", "call_function") and node.graph is gm.graph:
+        if not node.users and node.op in ("call_method", "call_function"):
             if node.target in ("t", "transpose", "permute", torch.t, torch.transpose, getattr):
-                gm.graph.erase_node(node)
-    gm.recompile()
+                node.graph.erase_node(node)
+    for owner in touched.values():
+        owner.recompile()

@@ -58,14 +58,15 @@ def occ_split(x: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor):
     again) and differs from t by at most half an ulp of x, far below FP4/FP8
     resolution. Either way the pair sums back to x bit for bit, which plain
     `(t, x - t)` does not guarantee (it fails for about 1% of float32 outliers).
-    Inf entries keep t and put the Inf in the residual; NaN entries are not
+    A clamped Inf entry keeps t and puts the Inf in the residual (an Inf that is
+    itself the threshold stays unclamped, with a zero residual); NaN entries are not
     clamped (comparisons with NaN are false) and stay NaN.
     """
     is_clamped = (x > upper) | (x < lower)
     threshold = torch.where(x > upper, upper, lower)
     residual = torch.where(is_clamped, x - threshold, torch.zeros_like(x))
     clamped = torch.where(is_clamped, x - residual, x)
-    clamped = torch.where(torch.isinf(x), threshold, clamped)
+    clamped = torch.where(is_clamped & torch.isinf(x), threshold, clamped)
     return clamped, residual
 
 
