@@ -25,7 +25,6 @@ from pathlib import Path
 
 from ..report import format_table
 from ..runtime import linear_ops
-from .html import write_graph_html
 
 DUMP_DIR_ENV = "FP4COMPILE_DUMP_DIR"
 
@@ -53,6 +52,11 @@ def describe_formats(config) -> str:
     return f"recipe {config.recipe}: weights {weights}, activations {acts}, gradients {config.grad_fmt or 'high precision'}"
 
 
+def site_label(site) -> str:
+    """The module path of a site, or its weight's name for a parameter of the root module."""
+    return site.module_path or site.weight_name or site.node
+
+
 def site_row(site, config) -> dict:
     """One site as a table row: what it is, its GEMM shape, formats and the decision."""
     m, k, n = site.mkn()
@@ -61,7 +65,7 @@ def site_row(site, config) -> dict:
         occ = f"{config.occ_alpha:g}/{config.occ_scope}{'+comp' if config.occ_compensate else ''}"
     fmt = lambda f, g: f"{f}/{g}" if f else "high precision"
     return {
-        "module": site.module_path or "(root)",
+        "module": site_label(site),
         "op": site.op,
         "M x K x N": " x ".join(str(d) for d in (m, k, n)),
         "weight": fmt(config.weight_fmt, config.weight_granularity) if site.quantized else "-",
@@ -109,6 +113,8 @@ def write_graph_dump(folder, after_gm, sites, config, graph_index: int, before_c
     folder.mkdir(parents=True, exist_ok=True)
     if before_code is not None:
         (folder / "before.py").write_text(before_code, encoding="utf-8")
+    else:
+        (folder / "before.py").unlink(missing_ok=True)  # never leave an older graph's code next to this one
     (folder / "after.py").write_text(after_gm.code, encoding="utf-8")
 
     rows = [site_row(site, config) for site in sites]
@@ -124,6 +130,8 @@ def write_graph_dump(folder, after_gm, sites, config, graph_index: int, before_c
             writer.writerow([graph_index, site.node, site.module_path, site.weight_name, site.op, m, k, n,
                              site.weight_layout, row["weight"], row["activation"], row["OCC"], row["decision"],
                              site.reason, " ".join(site.inserted)])
+    from .html import write_graph_html  # networkx: imported only when a dump is written
+
     write_graph_html(folder / "graph.html", after_gm.graph, node_kinds(after_gm.graph, sites), rows,
                      f"fp4compile graph {graph_index}: {describe_formats(config)}")
     return folder

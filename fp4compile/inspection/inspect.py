@@ -66,8 +66,10 @@ class CapturedGraph:
             if node.op != "placeholder" or not isinstance(value, torch.SymInt):
                 continue
             sym = value.node.expr
-            sources = value.node.shape_env.var_to_sources.get(sym, [])
-            hint = value.node.shape_env.var_to_val.get(sym)
+            shape_env = value.node.shape_env
+            sources = shape_env.var_to_sources.get(sym, [])
+            values = getattr(shape_env, "backed_var_to_val", None)  # var_to_val before torch 2.12
+            hint = (values if values is not None else shape_env.var_to_val).get(sym)
             if sources:
                 name = re.sub(r"L\['([^']+)'\]", r"\1", sources[0].name)
                 name = re.sub(r"\.size\(\)\[(\d+)\]", r".size(\1)", name)
@@ -89,7 +91,7 @@ class CapturedGraph:
         line = dump.summary_line(self.index, self.sites, self.report.config)
         skipped = [s for s in self.sites if not s.quantized]
         if skipped:
-            line += "; high precision: " + ", ".join(f"{s.module_path or s.node} ({s.reason})" for s in skipped)
+            line += "; high precision: " + ", ".join(f"{dump.site_label(s)} ({s.reason})" for s in skipped)
         if self.report.activation_matmuls:
             line += f"; {self.report.activation_matmuls} activation x activation matmuls left alone"
         symbols = self.shape_symbols()

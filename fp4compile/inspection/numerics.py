@@ -12,7 +12,8 @@ quantized site (activation, weight, bias), and measures against them:
 - the SNR of the quantized GEMM's output (`fp4_linear_reference` under the
   config) against the high-precision `F.linear`;
 - the fraction of activation entries OCC clamps, and amax / median(|x|) of the
-  activation, a direct measure of how outlier-heavy it is.
+  activation (median over its non-zero entries), a direct measure of how
+  outlier-heavy it is.
 
 `NumericsReport.occ_study()` runs the paper's OCC fidelity study (SPEC.md
 section 4) on the same captured activations, averaged over sites, next to the
@@ -44,6 +45,7 @@ from ..runtime.fidelity import OCC_STUDY, fidelity, occ_study
 from ..runtime.occ import occ_clamp
 from ..runtime.quantize import compute_dtype, fake_quantize
 from ..runtime.reference import fp4_linear_reference
+from .dump import site_label
 
 # The paper's OCC fidelity table on LLaMA-1.3B activations (SPEC.md section 4),
 # in the row order of `runtime.fidelity.OCC_STUDY`.
@@ -127,7 +129,9 @@ def capture_site_operands(model: torch.nn.Module, sites, args=(), kwargs=None):
     a list of SiteOperands in site order, and the (graph, site) pairs that were
     not reached or whose weight is not a parameter of `model`.
     """
-    by_name: dict[str, torch.nn.Parameter] = dict(model.named_parameters(remove_duplicate=False))
+    by_name: dict[str, torch.nn.Parameter] = (
+        dict(model.named_parameters(remove_duplicate=False)) if isinstance(model, torch.nn.Module) else {}
+    )
     pending: dict[int, deque] = defaultdict(deque)  # id(parameter) -> sites using it, in order
     missing = []
     for graph, site in sites:
@@ -176,7 +180,7 @@ class SiteNumerics:
     """Fidelity of one quantized site on real operands. SNRs in dB; cos as a fraction."""
 
     graph: int
-    module: str
+    module: str  # module path, or the weight's name for a parameter of the root module
     node: str
     mkn: tuple  # (tokens, K, N) of this batch
     activation: dict  # cos / mse / snr_db, OCC as configured
@@ -184,13 +188,13 @@ class SiteNumerics:
     weight: dict  # cos / mse / snr_db
     output: dict  # cos / mse / snr_db of the quantized GEMM vs high-precision F.linear
     clamped_fraction: float | None  # entries changed by the OCC clamp; None without OCC
-    amax_over_median: float  # max |x| / median |x| of the activation
+    amax_over_median: float  # max |x| / median of the non-zero |x| of the activation
 
     def row(self) -> dict:
         m, k, n = self.mkn
         clamped = "-" if self.clamped_fraction is None else f"{100 * self.clamped_fraction:.2f}%"
         return {
-            "module": self.module or "(root)",
+            "module": self.module,
             "M x K x N": f"{m} x {k} x {n}",
             "act cos": _pct(self.activation["cos"]),
             "act SNR": _db(self.activation["snr_db"]),
@@ -226,11 +230,13 @@ def measure_site(operands: SiteOperands, config) -> SiteNumerics:
     exact = F.linear(x2d.double(), operands.weight.double(), None if bias is None else bias.double())
     quantized = fp4_linear_reference(x2d, operands.weight, bias, config)
     magnitudes = x.abs().reshape(-1)
-    median = magnitudes.median().item()
+    # Median of the non-zero entries: after a ReLU most entries are zero and the plain median would be 0.
+    nonzero = magnitudes[magnitudes > 0]
+    median = nonzero.median().item() if nonzero.numel() else 0.0
     amax = magnitudes.max().item()
     return SiteNumerics(
         graph=operands.graph,
-        module=site.module_path,
+        module=site_label(site),
         node=site.node,
         mkn=(x2d.shape[0], w.shape[1], w.shape[0]),
         activation=fidelity(x, x_hat),
@@ -305,7 +311,7 @@ class NumericsReport:
         per_site = {}
         for operands in self.operands:
             x = operands.activation_2d
-            per_site[operands.site.module_path or operands.site.node] = occ_study(
+            per_site[site_label(operands.site)] = occ_study(
                 x.to(compute_dtype(x.dtype)), granularity=granularity, scope=scope
             )
         rows = []
@@ -335,7 +341,7 @@ class NumericsReport:
                 f"output SNR {self.mean('output'):.2f} dB"
             )
         if self.missing:
-            names = ", ".join(site.module_path or site.node for _, site in self.missing)
+            names = ", ".join(site_label(site) for _, site in self.missing)
             lines.append(f"not captured (weight not a parameter of the model, or not reached): {names}")
         return "\n".join(lines)
 

@@ -16,11 +16,9 @@ from .find_sites import site_operands
 from ..runtime.occ import alpha_fraction
 
 
-def _pair(graph: fx.Graph, fn, args):
+def _pair(graph: fx.Graph, fn, args, outputs: int = 2):
     call = graph.call_function(fn, args)
-    first = graph.call_function(operator.getitem, (call, 0))
-    second = graph.call_function(operator.getitem, (call, 1))
-    return call, first, second
+    return (call, *(graph.call_function(operator.getitem, (call, i)) for i in range(outputs)))
 
 
 def _rewrite_one(graph: fx.Graph, site, config) -> tuple:
@@ -33,7 +31,10 @@ def _rewrite_one(graph: fx.Graph, site, config) -> tuple:
         x_in, residual = x, None
         if config.occ_alpha is not None:
             num, den = alpha_fraction(config.occ_alpha)
-            clamp, x_in, residual = _pair(graph, linear_ops.occ_clamp_op, (x, num, den, config.occ_scope))
+            clamp, x_in, r_values, r_index = _pair(
+                graph, linear_ops.occ_clamp_op, (x, num, den, config.occ_scope), outputs=3
+            )
+            residual = (r_values, r_index)
             inserted.append(clamp)
         if config.act_fmt is not None:
             act, x_q, x_s = _pair(
@@ -56,7 +57,8 @@ def _rewrite_one(graph: fx.Graph, site, config) -> tuple:
         y = graph.call_function(linear_ops.fp4_gemm_op, (x_q, x_s, w_q, w_s, bias, config.grad_fmt, out_dtype))
         inserted.append(y)
         if residual is not None and config.occ_compensate:
-            comp = graph.call_function(linear_ops.compensate_op, (residual, w_q, w_s, out_dtype))
+            x_shape = graph.call_function(getattr, (x, "shape"))
+            comp = graph.call_function(linear_ops.compensate_op, (*residual, x_shape, w_q, w_s, out_dtype))
             inserted.append(comp)
             y = graph.call_function(operator.add, (y, comp))
     for node in inserted + [y]:

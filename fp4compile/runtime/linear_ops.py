@@ -3,11 +3,11 @@
 The FX pass rewrites every selected matmul into these five calls, so a graph
 dump shows what was inserted and Inductor can fuse each with its neighbours:
 
-    x_c, x_res = occ_clamp_op(x, ...)            # straight-through
+    x_c, r_val, r_idx = occ_clamp_op(x, ...)     # straight-through; sparse residual
     x_q, x_s   = quantize_activation_op(x_c, ...) # straight-through
     w_q, w_s   = quantize_weight_op(w, ...)       # backward multiplies by DGE
     y          = fp4_gemm_op(x_q, x_s, w_q, w_s, b, ...)  # FP8 E5M2 gradient GEMMs
-    y          = y + compensate_op(x_res, w_q, w_s)       # sparse outlier term
+    y          = y + compensate_op(r_val, r_idx, w_q, w_s)  # sparse outlier term
 
 Convention: a (values, scale) pair stands for the dequantized tensor
 `values * scale`. The backward of an op consuming such a pair returns, in the
@@ -32,12 +32,19 @@ class _OccClamp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha_num, alpha_den, scope):
         x_hp = x.to(compute_dtype(x.dtype))
-        upper, lower = occ_thresholds(x_hp, alpha_num, alpha_den, scope)
+        upper, lower, index = occ_thresholds(x_hp, alpha_num, alpha_den, scope, with_index=True)
+        clamped, residual = occ_split(x_hp, upper, lower)
+        # The residual leaves as (values, index): at most 2(k - 1) entries per row
+        # (or per tensor) can be non-zero, so the compensation costs in proportion
+        # to the outliers, never a second full-size GEMM.
+        flat = residual if scope == "row" else residual.reshape(-1)
+        values = flat.gather(-1, index)
         ctx.in_dtype = x.dtype
-        return occ_split(x_hp, upper, lower)
+        ctx.mark_non_differentiable(values, index)
+        return clamped, values, index
 
     @staticmethod
-    def backward(ctx, grad_clamped, grad_residual):
+    def backward(ctx, grad_clamped, grad_values, grad_index):
         # Clamp is straight-through: x = clamped + residual and the compensation
         # adds the residual back, so the layer is the identity in x. The residual
         # carries no gradient of its own (see compensate_op).
@@ -106,28 +113,50 @@ class _Fp4Gemm(torch.autograd.Function):
 
 
 class _Compensate(torch.autograd.Function):
+    """y += residual @ dequant(w).T with the residual given as (values, index).
+
+    Row scope: values/index are [..., J] along each token's features, and the
+    term is a gather-reduce over J per output (Inductor fuses it into one kernel
+    with indirect loads). Tensor scope: the index runs over the flattened
+    activation; rows and columns are recovered from it.
+    """
+
     @staticmethod
-    def forward(ctx, residual, w_q, w_scale, out_dtype):
-        r2 = residual.reshape(-1, residual.shape[-1])
-        w_deq = w_q * w_scale
-        y = (r2 @ w_deq.t()).to(out_dtype)
-        ctx.save_for_backward(r2)
-        ctx.lead = residual.shape[:-1]
-        return y.reshape(*ctx.lead, y.shape[-1])
+    def forward(ctx, values, index, x_shape, w_q, w_scale, out_dtype):
+        k_features = x_shape[-1]
+        m = 1
+        for d in x_shape[:-1]:
+            m = m * d
+        w_deq_t = (w_q * w_scale).t()  # [K, N]
+        if values.dim() == len(x_shape):  # row scope
+            v2 = values.reshape(m, values.shape[-1])
+            i2 = index.reshape(m, index.shape[-1])
+            y = (v2.unsqueeze(-1) * w_deq_t[i2]).sum(-2)
+            rows = torch.arange(v2.shape[0], device=values.device).unsqueeze(-1).expand_as(i2)
+            cols = i2
+        else:  # tensor scope: one flat index over the whole activation
+            rows, cols = index // k_features, index % k_features
+            y = w_deq_t.new_zeros(m, w_deq_t.shape[1]).index_add(0, rows, values.unsqueeze(-1) * w_deq_t[cols])
+            v2 = values
+        ctx.save_for_backward(v2, rows, cols)
+        ctx.k_features = k_features
+        return y.to(out_dtype).reshape(*x_shape[:-1], w_deq_t.shape[1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        (r2,) = ctx.saved_tensors
-        g2 = grad_y.reshape(-1, grad_y.shape[-1]).to(r2.dtype)
-        # Weight gradient of the outlier term in high precision: together with
-        # the GEMM's it is the weight gradient of the compensated activation.
-        grad_w = g2.t() @ r2
-        return None, grad_w, None, None
+        v2, rows, cols = ctx.saved_tensors
+        g2 = grad_y.reshape(-1, grad_y.shape[-1]).to(v2.dtype)
+        # Weight gradient of the outlier term, g.T @ residual, as a scatter over
+        # the residual's entries: with the GEMM's it is the weight gradient of the
+        # compensated activation.
+        contrib = v2.reshape(-1, 1) * g2[rows.reshape(-1)]
+        grad_w_t = g2.new_zeros(ctx.k_features, g2.shape[1]).index_add(0, cols.reshape(-1), contrib)
+        return None, None, None, grad_w_t.t(), None, None
 
 
 # Graph node targets: plain functions with readable names for graph dumps.
 def occ_clamp_op(x, alpha_num: int, alpha_den: int, scope: str):
-    """OCC clamp: (clamped, residual), in the compute dtype."""
+    """OCC clamp: (clamped, residual values, residual index), in the compute dtype."""
     return _OccClamp.apply(x, alpha_num, alpha_den, scope)
 
 
@@ -146,9 +175,9 @@ def fp4_gemm_op(x_q, x_scale, w_q, w_scale, bias, grad_fmt, out_dtype: torch.dty
     return _Fp4Gemm.apply(x_q, x_scale, w_q, w_scale, bias, grad_fmt, out_dtype)
 
 
-def compensate_op(residual, w_q, w_scale, out_dtype: torch.dtype):
-    """OCC compensation term residual @ dequant(w).T."""
-    return _Compensate.apply(residual, w_q, w_scale, out_dtype)
+def compensate_op(values, index, x_shape, w_q, w_scale, out_dtype: torch.dtype):
+    """OCC compensation term residual @ dequant(w).T from the sparse residual."""
+    return _Compensate.apply(values, index, x_shape, w_q, w_scale, out_dtype)
 
 
 def passthrough_op(x):
@@ -161,11 +190,12 @@ def quantized_linear(x, w, bias, config):
     """Compose the ops above for one linear layer (the pass emits the same sequence)."""
     out_dtype = x.dtype
     residual = None
+    x_shape = x.shape
     if config.occ_alpha is not None:
         from .occ import alpha_fraction
 
         num, den = alpha_fraction(config.occ_alpha)
-        x, residual = occ_clamp_op(x, num, den, config.occ_scope)
+        x, *residual = occ_clamp_op(x, num, den, config.occ_scope)
     if config.act_fmt is not None:
         x_q, x_s = quantize_activation_op(x, config.act_fmt, config.act_granularity)
     else:
@@ -176,7 +206,7 @@ def quantized_linear(x, w, bias, config):
         w_q, w_s = _passthrough(w)
     y = fp4_gemm_op(x_q, x_s, w_q, w_s, bias, config.grad_fmt, out_dtype)
     if residual is not None and config.occ_compensate:
-        y = y + compensate_op(residual, w_q, w_s, out_dtype)
+        y = y + compensate_op(*residual, x_shape, w_q, w_s, out_dtype)
     return y
 
 

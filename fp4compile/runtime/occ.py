@@ -30,7 +30,7 @@ def outliers_per_side(n, alpha_num: int, alpha_den: int):
     return max(k, 1) if isinstance(k, int) else torch.sym_max(k, 1)
 
 
-def occ_thresholds(x: torch.Tensor, alpha_num: int, alpha_den: int, scope: str = "row"):
+def occ_thresholds(x: torch.Tensor, alpha_num: int, alpha_den: int, scope: str = "row", with_index: bool = False):
     """Upper and lower clamp thresholds: the k-th largest and k-th smallest values.
 
     This is the nearest-rank quantile with k = ceil((1 - alpha) * n), found by a
@@ -39,14 +39,19 @@ def occ_thresholds(x: torch.Tensor, alpha_num: int, alpha_den: int, scope: str =
     """
     flat = x if scope == "row" else x.reshape(-1)
     k = outliers_per_side(flat.shape[-1], alpha_num, alpha_den)
-    upper = flat.topk(k, dim=-1).values[..., -1:]
-    lower = flat.topk(k, dim=-1, largest=False).values[..., -1:]
-    upper = upper.clamp(min=0)
-    lower = lower.clamp(max=0)
+    top, bottom = flat.topk(k, dim=-1), flat.topk(k, dim=-1, largest=False)
+    upper = top.values[..., -1:].clamp(min=0)
+    lower = bottom.values[..., -1:].clamp(max=0)
     if scope == "tensor":
         upper = upper.reshape([1] * x.dim())
         lower = lower.reshape([1] * x.dim())
-    return upper, lower
+    if not with_index:
+        return upper, lower
+    # Every clamped entry lies strictly beyond the k-th value, so among the first
+    # k - 1 indices of each side: the sparse residual has at most 2(k - 1) entries
+    # per row (per tensor for scope "tensor"), at these positions.
+    index = torch.cat([top.indices[..., : k - 1], bottom.indices[..., : k - 1]], dim=-1)
+    return upper, lower, index
 
 
 def occ_split(x: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor):

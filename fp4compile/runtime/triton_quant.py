@@ -1,0 +1,627 @@
+"""Triton kernels for the quantization steps of an FP4 linear layer on CUDA.
+
+The runtime ops (`occ`, `quantize`, `dge`, `gemm`) are plain PyTorch, and
+Inductor fuses most of them well. One step it cannot: the OCC thresholds are a
+per-row k-th largest / k-th smallest, which Inductor leaves to `aten.topk`
+(two extra passes and a sort of the k winners, per side). The kernels here do
+the whole activation path of SPEC.md sections 2 and 4 in one pass over each
+row, kept in registers:
+
+    NaN-aware selection of the k-th largest and k-th smallest value
+    -> exact clamp/residual split -> row amax -> scale -> E2M1 (or E4M3) grid
+
+and the other element-wise steps of a quantized layer (weight rows, the DGE
+backward, the per-tensor E5M2 gradient cast), so that each has one fused
+kernel whose numerics are pinned to the runtime ops.
+
+Every kernel computes bit for bit what its `*_reference` function computes with
+the runtime ops, on the same float32 arithmetic:
+
+- divisions use `tl.math.div_rn` (IEEE round-to-nearest; Triton's plain `/`
+  is an approximate division on NVIDIA GPUs);
+- grid rounding is written as exact arithmetic (the E2M1 step functions of
+  `formats.round_e2m1`; FP8 grids by round-half-even on the float32 bit
+  pattern), so the final store to a float8 tensor converts a value that is
+  already on the grid and is exact whatever the hardware's conversion;
+- the only exception is the DGE power `|t| ** (1/k - 1)`, computed with
+  libdevice `pow` on GPU (the function Inductor calls for `torch.pow`) and in
+  float64 under the interpreter; the CPU reference's `pow` is itself not
+  correctly rounded, so the two agree to one float32 ulp, not bit for bit.
+
+Values can be written as float8 (what the FP8 GEMM consumes) or as float32:
+under the Triton interpreter (`TRITON_INTERPRET=1`, how the CPU tests run
+these kernels) the float32 output is what the tests compare, since the grid
+values, not the interpreter's float8 conversion, are under test.
+
+Each launcher is registered with `torch.library.triton_op` (namespace
+`fp4compile`), so a compiled graph can call it: AOTAutograd traces through the
+`wrap_triton` calls and Inductor emits the kernels into its generated code.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+from triton.language.extra import libdevice  # GPU only: the interpreter takes a float64 branch
+
+from .dge import dge_grad_scale
+from .formats import E2M1_MAX, E4M3_MAX, E5M2_MAX
+from .occ import occ_split, occ_thresholds, outliers_per_side
+from .quantize import quantize, quantize_gradient
+
+__all__ = [
+    "MAX_ROW_LENGTH",
+    "VALUE_FORMATS",
+    "interpreting",
+    "supports_row_kernel",
+    "occ_thresholds_rows",
+    "occ_quantize_rows",
+    "quantize_rows",
+    "dge_backward",
+    "cast_gradient",
+    "occ_thresholds_reference",
+    "occ_quantize_rows_reference",
+    "quantize_rows_reference",
+    "dge_backward_reference",
+    "cast_gradient_reference",
+]
+
+# The row kernels hold a whole row in registers (one program per row), which is
+# what makes the selection a single pass. 16k float32 elements per program is
+# about 32 registers per thread at 16 warps; longer rows fall back to torch.
+MAX_ROW_LENGTH = 16384
+# Formats the row kernels quantize to: E2M1 (FP4) and E4M3 (the FP8 recipe).
+VALUE_FORMATS = {"e2m1": 0, "e4m3": 1}
+_FORMAT_MAX = {"e2m1": E2M1_MAX, "e4m3": E4M3_MAX}
+# Store dtypes the kernels accept for grid values.
+_VALUE_DTYPES = (torch.float8_e4m3fn, torch.float32)
+_GRAD_DTYPES = (torch.float8_e5m2, torch.float32)
+# Tile of the 2-D element-wise kernels (DGE, gradient cast).
+_TILE_R, _TILE_C = 32, 128
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def supports_row_kernel(k: int) -> bool:
+    """Whether a row of length `k` fits the one-row-per-program kernels."""
+    return 1 <= k <= MAX_ROW_LENGTH
+
+
+# ---------------------------------------------------------------------------
+# Device helpers (inlined into the kernels).
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _kth_largest_key(key, k, LOW_BITS: tl.constexpr):
+    """The k-th largest of the non-negative int32 `key`s (-1 marks an excluded entry).
+
+    Bitwise bisection: build the answer from bit 30 down, keeping a bit if at
+    least k keys are >= the prefix with that bit set. Each step is one compare
+    and one row reduction over the row in registers; no sort, no global memory.
+    The result is the largest v with count(key >= v) >= k, which is exactly the
+    k-th largest key. Bits below LOW_BITS are zero in every key (bf16 and fp16
+    inputs converted to float32 leave 16 and 13 zero mantissa bits), so the
+    search stops there: 31 - LOW_BITS steps (15 for bf16, 31 for float32).
+    Returns -1 if fewer than k keys are non-negative.
+    """
+    n_candidates = tl.sum((key >= 0).to(tl.int32), axis=0)
+    found = n_candidates * 0
+    for bit in tl.static_range(30, LOW_BITS - 1, -1):
+        trial = found | (1 << bit)
+        keep = tl.sum((key >= trial).to(tl.int32), axis=0) >= k
+        found = tl.where(keep, trial, found)
+    return tl.where(n_candidates >= k, found, -1)
+
+
+@triton.jit
+def _occ_row_thresholds(x, mask, K, k, LOW_BITS: tl.constexpr):
+    """Per-row OCC thresholds: (k-th largest clamped at >= 0, k-th smallest clamped at <= 0).
+
+    Matches `occ_thresholds` (two `topk` calls, then clamp at zero), including
+    torch's NaN order (NaN counts as larger than +Inf):
+
+    - upper: the k-th largest among entries with a clear sign bit, keyed by
+      their float32 bit pattern (monotonic for non-negative floats; NaN gets
+      the canonical quiet NaN 0x7FC00000, above +Inf). Fewer than k such
+      entries means the k-th largest is negative: upper = 0.
+    - lower: the k-th largest magnitude among entries with the sign bit set
+      (their magnitude bits are monotonic too), negated. Fewer than k means
+      lower = 0, unless fewer than k entries are non-NaN: then the k-th
+      smallest is a NaN (NaN sorts last) and so is lower.
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    is_nan = x != x
+    negative = bits < 0  # sign bit set, -0.0 included
+    pos_key = tl.where(is_nan, 0x7FC00000, tl.where(negative, -1, bits))
+    neg_key = tl.where(is_nan | ~negative, -1, bits & 0x7FFFFFFF)
+    pos_key = tl.where(mask, pos_key, -1)
+    neg_key = tl.where(mask, neg_key, -1)
+    up_key = _kth_largest_key(pos_key, k, LOW_BITS)
+    lo_key = _kth_largest_key(neg_key, k, LOW_BITS)
+    upper = tl.where(up_key >= 0, up_key, 0).to(tl.float32, bitcast=True)
+    # Setting the sign bit: key - 2**31 in int32 (no overflow for key >= 0).
+    lower = tl.where(lo_key >= 0, (lo_key - 2147483647) - 1, 0).to(tl.float32, bitcast=True)
+    n_nan = tl.sum((is_nan & mask).to(tl.int32), axis=0)
+    nan = tl.full([], 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
+    lower = tl.where(K - n_nan < k, nan, lower)
+    return upper, lower
+
+
+@triton.jit
+def _occ_row_split(x, upper, lower):
+    """`occ_split` element-wise: (clamped, residual, is_clamped), clamped + residual == x.
+
+    The same expressions in the same order as the runtime op, so the residual
+    fl(x - t) and the clamped value x - residual are bit-identical to it.
+    """
+    above = x > upper
+    is_clamped = above | (x < lower)
+    threshold = tl.where(above, upper, lower)
+    residual = tl.where(is_clamped, x - threshold, 0.0)
+    clamped = tl.where(is_clamped, x - residual, x)
+    is_inf = (x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) == 0x7F800000
+    clamped = tl.where(is_inf, threshold, clamped)
+    return clamped, residual, is_clamped
+
+
+@triton.jit
+def _finish_scale(amax, FMAX: tl.constexpr):
+    """`quantize._finish_scale(amax / fmax)` for one float32 amax >= 0 (or +Inf).
+
+    An all-zero row gets scale 1, an Inf row scale Inf; a subnormal amax whose
+    quotient underflows to 0 gets the smallest subnormal instead.
+    """
+    scale = tl.math.div_rn(amax, FMAX)
+    tiny = tl.full([], 1, tl.int32).to(tl.float32, bitcast=True)  # smallest subnormal, 2**-149
+    scale = tl.where((scale == 0.0) & (amax > 0.0), tiny, scale)
+    scale = tl.where(amax == 0.0, 1.0, scale)
+    is_inf = amax.to(tl.int32, bitcast=True) == 0x7F800000
+    return tl.where(is_inf, amax, scale)
+
+
+@triton.jit
+def _nan_aware_abs(v, mask):
+    """|v| with NaN and masked-off lanes as 0, ready for a max reduction."""
+    return tl.where(mask & (v == v), tl.abs(v), 0.0)
+
+
+@triton.jit
+def _round_e2m1(v):
+    """`formats.round_e2m1`: nearest E2M1 value, ties to even, saturating at +-6, NaN kept.
+
+    The magnitude is the same sum of step functions; every partial sum is a
+    small dyadic number, so the result is exact in any evaluation order. The
+    sign bit of v is copied onto it (so -0.0 stays -0.0, like torch.copysign).
+    """
+    a = tl.abs(v)
+    q = (
+        0.5 * (a > 0.25).to(tl.float32)
+        + 0.5 * (a >= 0.75).to(tl.float32)
+        + 0.5 * (a > 1.25).to(tl.float32)
+        + 0.5 * (a >= 1.75).to(tl.float32)
+        + 1.0 * (a > 2.5).to(tl.float32)
+        + 1.0 * (a >= 3.5).to(tl.float32)
+        + 2.0 * (a > 5.0).to(tl.float32)
+    )
+    v_bits = v.to(tl.int32, bitcast=True)
+    sign = v_bits ^ (v_bits & 0x7FFFFFFF)
+    q = (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    return tl.where(v != v, v, q)
+
+
+@triton.jit
+def _round_fp8_grid(v, FMAX: tl.constexpr, SHIFT: tl.constexpr, MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr):
+    """`formats.round_fp8` without a float8 conversion: saturate, then round half to even.
+
+    SHIFT = 23 - mantissa bits of the format. Normal numbers: round the float32
+    bit pattern to SHIFT fewer mantissa bits, half to even (a carry into the
+    exponent is the correct result). Below the format's smallest normal number
+    the grid is uniform with step MIN_NORMAL * 2**-mbits; adding MAGIC =
+    step * 2**23 puts that step at the float32 ulp, so (|v| + MAGIC) - MAGIC is
+    the round-half-even subnormal. Saturation first, as `round_fp8` clamps; NaN
+    passes through. Exact in float32, hence equal to torch's own cast.
+    """
+    v = tl.where(v > FMAX, FMAX, tl.where(v < -FMAX, -FMAX, v))  # keeps NaN
+    bits = v.to(tl.int32, bitcast=True)
+    mag = bits & 0x7FFFFFFF
+    sign = bits ^ mag
+    half = (1 << (SHIFT - 1)) - 1
+    normal = (mag + half + ((mag >> SHIFT) & 1)) & ~((1 << SHIFT) - 1)
+    a = mag.to(tl.float32, bitcast=True)
+    subnormal = ((a + MAGIC) - MAGIC).to(tl.int32, bitcast=True)
+    r = tl.where(a < MIN_NORMAL, subnormal, normal)
+    out = (r | sign).to(tl.float32, bitcast=True)
+    return tl.where(v != v, v, out)
+
+
+@triton.jit
+def _round_to_format(v, FMT: tl.constexpr):
+    """Grid rounding of an already-scaled value: FMT 0 = E2M1, 1 = E4M3."""
+    if FMT == 0:
+        return _round_e2m1(v)
+    else:
+        # E4M3 (float8_e4m3fn): 3 mantissa bits, max 448, smallest normal 2**-6.
+        return _round_fp8_grid(v, 448.0, 20, 0.015625, 16384.0)
+
+
+@triton.jit
+def _load_row(x_ptr, row, stride_x, K, BLOCK_K: tl.constexpr):
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    return x, offs, mask
+
+
+# ---------------------------------------------------------------------------
+# Kernels.
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _occ_thresholds_kernel(x_ptr, upper_ptr, lower_ptr, K, stride_x, k_outliers,
+                           LOW_BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per-row OCC thresholds only (one read of each row): upper[M], lower[M] float32."""
+    row = tl.program_id(0).to(tl.int64)
+    x, offs, mask = _load_row(x_ptr, row, stride_x, K, BLOCK_K)
+    upper, lower = _occ_row_thresholds(x, mask, K, k_outliers, LOW_BITS)
+    tl.store(upper_ptr + row, upper)
+    tl.store(lower_ptr + row, lower)
+
+
+@triton.jit
+def _occ_quantize_rows_kernel(x_ptr, values_ptr, scale_ptr, residual_ptr, upper_ptr, lower_ptr, count_ptr,
+                              K, stride_x, k_outliers,
+                              FMT: tl.constexpr, FMAX: tl.constexpr, LOW_BITS: tl.constexpr,
+                              BLOCK_K: tl.constexpr):
+    """OCC + row quantization of activations in one pass over each row.
+
+    Per row: thresholds (selection), clamp/residual split, amax of the clamped
+    row, scale = amax / FMAX, grid values of clamped / scale. Writes values
+    [M, K] (float8_e4m3fn or float32), scale [M], residual [M, K] (its dtype),
+    upper/lower [M] and the number of clamped entries [M] (int32).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    x, offs, mask = _load_row(x_ptr, row, stride_x, K, BLOCK_K)
+    upper, lower = _occ_row_thresholds(x, mask, K, k_outliers, LOW_BITS)
+    clamped, residual, is_clamped = _occ_row_split(x, upper, lower)
+    amax = tl.max(_nan_aware_abs(clamped, mask), axis=0)
+    scale = _finish_scale(amax, FMAX)
+    values = _round_to_format(tl.math.div_rn(clamped, scale), FMT)
+    tl.store(values_ptr + row * K + offs, values.to(values_ptr.dtype.element_ty), mask=mask)
+    tl.store(residual_ptr + row * K + offs, residual.to(residual_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + row, scale)
+    tl.store(upper_ptr + row, upper)
+    tl.store(lower_ptr + row, lower)
+    tl.store(count_ptr + row, tl.sum((is_clamped & mask).to(tl.int32), axis=0))
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, values_ptr, scale_ptr, K, stride_x,
+                          FMT: tl.constexpr, FMAX: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Row quantization without OCC (weights [out, in]: one scale per output channel)."""
+    row = tl.program_id(0).to(tl.int64)
+    x, offs, mask = _load_row(x_ptr, row, stride_x, K, BLOCK_K)
+    amax = tl.max(_nan_aware_abs(x, mask), axis=0)
+    scale = _finish_scale(amax, FMAX)
+    values = _round_to_format(tl.math.div_rn(x, scale), FMT)
+    tl.store(values_ptr + row * K + offs, values.to(values_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+@triton.jit
+def _dge_backward_kernel(w_ptr, scale_ptr, grad_ptr, out_ptr, N, K,
+                         stride_w, stride_g, exponent, k_value, clamp,
+                         HAS_CLAMP: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """DGE weight gradient: out = grad * dge_grad_scale(w / scale[row]), fused.
+
+    The expressions and their order are those of `dge.dge_grad_scale`:
+    interval start and width of |x| (clamped at 6), t = |2(|x| - a)/d - 1|,
+    slope = t ** (1/k - 1) / k, capped at `clamp`, 0 where |x| > 6, NaN kept.
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < N) & (cols[None, :] < K)
+    rows64 = rows.to(tl.int64)
+    w = tl.load(w_ptr + rows64[:, None] * stride_w + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(scale_ptr + rows64, mask=rows < N, other=1.0)
+    x = tl.math.div_rn(w, s[:, None])
+    a = tl.abs(x)
+    a_cap = tl.where(a > 6.0, 6.0, a)
+    d = tl.where(a_cap < 2.0, 0.5, tl.where(a_cap < 4.0, 1.0, 2.0))
+    start = tl.where(a_cap < 4.0, tl.floor(tl.math.div_rn(a_cap, d)) * d, 4.0)
+    t = tl.abs(tl.math.div_rn(2.0 * (a - start), d) - 1.0)
+    if USE_LIBDEVICE:
+        p = libdevice.pow(t, exponent)
+    else:
+        # Interpreter: float64 exp2/log2, then one rounding to float32.
+        p = tl.exp2(tl.log2(t.to(tl.float64)) * exponent.to(tl.float64)).to(tl.float32)
+    slope = tl.math.div_rn(p, k_value)
+    if HAS_CLAMP:
+        slope = tl.where(slope > clamp, clamp, slope)  # keeps NaN, like torch.clamp
+    slope = tl.where(a > 6.0, 0.0, slope)
+    slope = tl.where(x != x, x, slope)
+    g = tl.load(grad_ptr + rows64[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    out = g * slope
+    tl.store(out_ptr + rows64[:, None] * K + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_folded(g_ptr, fold_ptr, rows, cols, R, C, stride_r, stride_c, FOLD: tl.constexpr):
+    """A tile of g (any strides) as float32, times fold[row] (FOLD=1) or fold[col] (FOLD=2)."""
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    ptrs = g_ptr + rows.to(tl.int64)[:, None] * stride_r + cols.to(tl.int64)[None, :] * stride_c
+    g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    if FOLD == 1:
+        g = g * tl.load(fold_ptr + rows, mask=rows < R, other=1.0)[:, None]
+    elif FOLD == 2:
+        g = g * tl.load(fold_ptr + cols, mask=cols < C, other=1.0)[None, :]
+    return g, mask
+
+
+@triton.jit
+def _grad_amax_kernel(g_ptr, fold_ptr, partial_ptr, R, C, stride_r, stride_c,
+                      FOLD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Pass 1 of the gradient cast: NaN-aware amax of (g * fold) per tile."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    g, mask = _load_folded(g_ptr, fold_ptr, rows, cols, R, C, stride_r, stride_c, FOLD)
+    tile_max = tl.max(tl.max(_nan_aware_abs(g, mask), axis=1), axis=0)
+    tl.store(partial_ptr + pid_r * tl.num_programs(1) + pid_c, tile_max)
+
+
+@triton.jit
+def _grad_cast_kernel(g_ptr, fold_ptr, amax_ptr, values_ptr, scale_ptr, R, C, stride_r, stride_c,
+                      FOLD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Pass 2: scale = amax / 57344, values = E5M2 grid of (g * fold) / scale, written [R, C] contiguous.
+
+    Reading g through strides and writing contiguously makes the transpose the
+    weight-gradient GEMM needs (g.T as its row-major left operand) part of the cast.
+    """
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    g, mask = _load_folded(g_ptr, fold_ptr, rows, cols, R, C, stride_r, stride_c, FOLD)
+    scale = _finish_scale(tl.load(amax_ptr), 57344.0)
+    # E5M2: 2 mantissa bits, max 57344, smallest normal 2**-14.
+    values = _round_fp8_grid(tl.math.div_rn(g, scale), 57344.0, 21, 6.103515625e-05, 128.0)
+    out_ptrs = values_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :]
+    tl.store(out_ptrs, values.to(values_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr, scale, mask=(pid_r == 0) & (pid_c == 0))
+
+
+# ---------------------------------------------------------------------------
+# Launchers (custom ops, traceable by torch.compile).
+# ---------------------------------------------------------------------------
+
+
+def _row_launch_config(k: int) -> tuple[int, int]:
+    """(BLOCK_K, num_warps) for a row of length k: the row fits one program."""
+    if not supports_row_kernel(k):
+        raise ValueError(f"row length K={k} is outside the row kernels' range 1..{MAX_ROW_LENGTH}")
+    block = triton.next_power_of_2(k)
+    num_warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
+    return block, num_warps
+
+
+def _low_zero_bits(dtype: torch.dtype) -> int:
+    """Mantissa bits that are zero in every float32 converted from `dtype`."""
+    return {torch.bfloat16: 16, torch.float16: 13}.get(dtype, 0)
+
+
+def _check_rows(x: torch.Tensor, name: str) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"{name} takes a 2-D tensor [M, K], got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{name} takes float32/bfloat16/float16 input, got {x.dtype}")
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        raise ValueError(f"{name} needs a row-contiguous input (stride(-1) == 1)")
+
+
+def _check_choice(name, value, valid):
+    if value not in valid:
+        raise ValueError(f"{name}={value!r} is not supported; valid: {', '.join(map(str, valid))}")
+
+
+@triton_op("fp4compile::occ_thresholds_rows", mutates_args=())
+def occ_thresholds_rows(x: torch.Tensor, alpha_num: int, alpha_den: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row OCC thresholds of a 2-D tensor: (upper [M, 1], lower [M, 1]) float32.
+
+    Equals `occ_thresholds(x.float(), alpha_num, alpha_den, "row")` exactly.
+    """
+    _check_rows(x, "occ_thresholds_rows")
+    M, K = x.shape
+    block, num_warps = _row_launch_config(K)
+    k = outliers_per_side(K, alpha_num, alpha_den)
+    upper = torch.empty((M, 1), device=x.device, dtype=torch.float32)
+    lower = torch.empty((M, 1), device=x.device, dtype=torch.float32)
+    if M > 0:
+        wrap_triton(_occ_thresholds_kernel)[(M,)](
+            x, upper, lower, K, x.stride(0), k,
+            LOW_BITS=_low_zero_bits(x.dtype), BLOCK_K=block, num_warps=num_warps,
+        )
+    return upper, lower
+
+
+@triton_op("fp4compile::occ_quantize_rows", mutates_args=())
+def occ_quantize_rows(
+    x: torch.Tensor,
+    alpha_num: int,
+    alpha_den: int,
+    fmt: str = "e2m1",
+    values_dtype: torch.dtype = torch.float8_e4m3fn,
+    residual_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """OCC clamp + row quantization of activations [M, K] in one pass.
+
+    Returns (values [M, K] in `values_dtype`, scale [M, 1] float32, residual
+    [M, K] in `residual_dtype`, upper [M, 1], lower [M, 1], count [M] int32),
+    equal to `occ_quantize_rows_reference` (float32 residual: exactly).
+    """
+    _check_rows(x, "occ_quantize_rows")
+    _check_choice("fmt", fmt, tuple(VALUE_FORMATS))
+    _check_choice("values_dtype", values_dtype, _VALUE_DTYPES)
+    M, K = x.shape
+    block, num_warps = _row_launch_config(K)
+    k = outliers_per_side(K, alpha_num, alpha_den)
+    dev = x.device
+    values = torch.empty((M, K), device=dev, dtype=values_dtype)
+    residual = torch.empty((M, K), device=dev, dtype=residual_dtype)
+    scale = torch.empty((M, 1), device=dev, dtype=torch.float32)
+    upper = torch.empty((M, 1), device=dev, dtype=torch.float32)
+    lower = torch.empty((M, 1), device=dev, dtype=torch.float32)
+    count = torch.empty((M,), device=dev, dtype=torch.int32)
+    if M > 0:
+        wrap_triton(_occ_quantize_rows_kernel)[(M,)](
+            x, values, scale, residual, upper, lower, count, K, x.stride(0), k,
+            FMT=VALUE_FORMATS[fmt], FMAX=_FORMAT_MAX[fmt], LOW_BITS=_low_zero_bits(x.dtype),
+            BLOCK_K=block, num_warps=num_warps,
+        )
+    return values, scale, residual, upper, lower, count
+
+
+@triton_op("fp4compile::quantize_rows", mutates_args=())
+def quantize_rows(
+    x: torch.Tensor, fmt: str = "e2m1", values_dtype: torch.dtype = torch.float8_e4m3fn
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise absmax quantization [M, K] -> (values [M, K], scale [M, 1] float32).
+
+    For weights [out, in] this is the per-output-channel scaling of SPEC.md
+    section 2; equal to `quantize(x.float(), "row", fmt)` exactly.
+    """
+    _check_rows(x, "quantize_rows")
+    _check_choice("fmt", fmt, tuple(VALUE_FORMATS))
+    _check_choice("values_dtype", values_dtype, _VALUE_DTYPES)
+    M, K = x.shape
+    block, num_warps = _row_launch_config(K)
+    values = torch.empty((M, K), device=x.device, dtype=values_dtype)
+    scale = torch.empty((M, 1), device=x.device, dtype=torch.float32)
+    if M > 0:
+        wrap_triton(_quantize_rows_kernel)[(M,)](
+            x, values, scale, K, x.stride(0),
+            FMT=VALUE_FORMATS[fmt], FMAX=_FORMAT_MAX[fmt], BLOCK_K=block, num_warps=num_warps,
+        )
+    return values, scale
+
+
+@triton_op("fp4compile::dge_backward", mutates_args=())
+def dge_backward(
+    w: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor, dge_k: float = 5.0, dge_clamp: float | None = 3.0
+) -> torch.Tensor:
+    """Weight gradient through DGE: `grad * dge_grad_scale(w / scale, dge_k, dge_clamp)` in w's dtype.
+
+    w and grad are [N, K] with contiguous rows, scale is the row scale [N, 1].
+    """
+    _check_rows(w, "dge_backward")
+    if grad.shape != w.shape or grad.stride(-1) != 1:
+        raise ValueError(f"dge_backward: grad must be row-contiguous with w's shape {tuple(w.shape)}")
+    N, K = w.shape
+    scale = scale.reshape(N).to(torch.float32).contiguous()
+    out = torch.empty((N, K), device=w.device, dtype=w.dtype)
+    if N > 0 and K > 0:
+        grid = (triton.cdiv(N, _TILE_R), triton.cdiv(K, _TILE_C))
+        wrap_triton(_dge_backward_kernel)[grid](
+            w, scale, grad, out, N, K, w.stride(0), grad.stride(0),
+            1.0 / dge_k - 1.0, float(dge_k), 0.0 if dge_clamp is None else float(dge_clamp),
+            HAS_CLAMP=dge_clamp is not None, USE_LIBDEVICE=not interpreting(),
+            BLOCK_R=_TILE_R, BLOCK_C=_TILE_C,
+        )
+    return out
+
+
+@triton_op("fp4compile::cast_gradient", mutates_args=())
+def cast_gradient(
+    g: torch.Tensor,
+    fold: torch.Tensor | None = None,
+    fold_dim: int = 1,
+    values_dtype: torch.dtype = torch.float8_e5m2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor scaled E5M2 cast of `g * fold`: (values [R, C] contiguous, scale [1, 1]).
+
+    `fold` is a row scale of the GEMM's other operand: along dim 1 it multiplies
+    g's columns (`g * fold.reshape(1, -1)`, as `gemm.gradient_gemm` folds it),
+    along dim 0 its rows. g may be any 2-D view (e.g. a transpose): the values
+    come out contiguous. Equal to `quantize_gradient(g.float() * fold, "e5m2")`.
+    """
+    if g.dim() != 2:
+        raise ValueError(f"cast_gradient takes a 2-D tensor, got shape {tuple(g.shape)}")
+    _check_choice("values_dtype", values_dtype, _GRAD_DTYPES)
+    _check_choice("fold_dim", fold_dim, (0, 1))
+    R, C = g.shape
+    fold_mode = 0
+    if fold is not None:
+        fold = fold.reshape(-1).to(torch.float32).contiguous()
+        if fold.numel() != g.shape[fold_dim]:
+            raise ValueError(f"fold has {fold.numel()} entries, g has {g.shape[fold_dim]} along dim {fold_dim}")
+        fold_mode = 1 if fold_dim == 0 else 2
+    else:
+        fold = torch.empty((1,), device=g.device, dtype=torch.float32)
+    values = torch.empty((R, C), device=g.device, dtype=values_dtype)
+    scale = torch.empty((1, 1), device=g.device, dtype=torch.float32)
+    grid = (max(triton.cdiv(R, _TILE_R), 1), max(triton.cdiv(C, _TILE_C), 1))
+    partial = torch.zeros((grid[0] * grid[1],), device=g.device, dtype=torch.float32)
+    if R > 0 and C > 0:
+        wrap_triton(_grad_amax_kernel)[grid](
+            g, fold, partial, R, C, g.stride(0), g.stride(1),
+            FOLD=fold_mode, BLOCK_R=_TILE_R, BLOCK_C=_TILE_C,
+        )
+    amax = partial.amax().reshape(1)
+    wrap_triton(_grad_cast_kernel)[grid](
+        g, fold, amax, values, scale, R, C, g.stride(0), g.stride(1),
+        FOLD=fold_mode, BLOCK_R=_TILE_R, BLOCK_C=_TILE_C,
+    )
+    return values, scale
+
+
+# ---------------------------------------------------------------------------
+# References: what each kernel computes, written with the runtime ops.
+# ---------------------------------------------------------------------------
+
+
+def occ_thresholds_reference(x: torch.Tensor, alpha_num: int, alpha_den: int):
+    """`occ_thresholds_rows` with the runtime op (topk)."""
+    return occ_thresholds(x.to(torch.float32), alpha_num, alpha_den, "row")
+
+
+def occ_quantize_rows_reference(x: torch.Tensor, alpha_num: int, alpha_den: int, fmt: str = "e2m1"):
+    """`occ_quantize_rows` with the runtime ops, as `_OccClamp` then `_QuantizeActivation` run them.
+
+    Values are float32 grid values (the kernel's float32 output; its float8
+    output holds the same numbers).
+    """
+    x32 = x.to(torch.float32)
+    upper, lower = occ_thresholds(x32, alpha_num, alpha_den, "row")
+    clamped, residual = occ_split(x32, upper, lower)
+    values, scale = quantize(clamped, granularity="row", fmt=fmt)
+    count = ((x32 > upper) | (x32 < lower)).sum(dim=-1, dtype=torch.int32)
+    return values, scale, residual, upper, lower, count
+
+
+def quantize_rows_reference(x: torch.Tensor, fmt: str = "e2m1"):
+    """`quantize_rows` with the runtime op."""
+    return quantize(x.to(torch.float32), granularity="row", fmt=fmt)
+
+
+def dge_backward_reference(w, scale, grad, dge_k: float = 5.0, dge_clamp: float | None = 3.0):
+    """`dge_backward` as `_QuantizeWeight.backward` computes it."""
+    w_scaled = w.to(scale.dtype) / scale
+    return (grad * dge_grad_scale(w_scaled, k=dge_k, clamp=dge_clamp)).to(w.dtype)
+
+
+def cast_gradient_reference(g, fold=None, fold_dim: int = 1):
+    """`cast_gradient` as `gemm.gradient_gemm` computes it: fold, then per-tensor E5M2."""
+    g32 = g.to(torch.float32)
+    if fold is not None:
+        shape = (1, -1) if fold_dim == 1 else (-1, 1)
+        g32 = g32 * fold.to(torch.float32).reshape(shape)
+    return quantize_gradient(g32, "e5m2")
