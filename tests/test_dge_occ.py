@@ -54,10 +54,8 @@ def test_dge_matches_finite_differences_of_surrogate():
 
 
 def _oracle_thresholds(row: np.ndarray, alpha: float):
-    n = row.size
-    k = max(1, math.ceil(round((1 - alpha) * n, 9)))
-    s = np.sort(row)
-    return max(s[n - k], 0.0), min(s[k - 1], 0.0)
+    # numpy's default (linear) quantile, never crossing zero.
+    return max(np.quantile(row, alpha), 0.0), min(np.quantile(row, 1 - alpha), 0.0)
 
 
 @pytest.mark.parametrize("alpha", [0.999, 0.99, 0.97])
@@ -71,14 +69,21 @@ def test_occ_row_matches_sort_oracle_and_sums_exactly(alpha, shape):
     for r in range(shape[0]):
         hi, lo = _oracle_thresholds(x[r].double().numpy(), alpha)
         row = x[r].double().numpy()
-        beyond = (row > hi) | (row < lo)
-        np.testing.assert_array_equal(residual[r].numpy() != 0, beyond & (row != np.clip(row, lo, hi)))
-        inside = ~beyond
+        # Thresholds agree with numpy to rounding; entries within that of a
+        # threshold may go either way, so they are left out of the comparison.
+        ambiguous = (np.abs(row - hi) < 1e-5 * abs(hi)) | (np.abs(row - lo) < 1e-5 * abs(lo))
+        beyond = ((row > hi) | (row < lo)) & ~ambiguous
+        assert not ambiguous.any() or ambiguous.sum() <= 2
+        np.testing.assert_array_equal((residual[r].numpy() != 0)[~ambiguous], beyond[~ambiguous])
+        inside = ~beyond & ~ambiguous
         np.testing.assert_array_equal(clamped[r].numpy()[inside], row[inside].astype(np.float32))
         # Clamped entries sit at the threshold to within half an ulp of x.
         c = clamped[r].double().numpy()[beyond]
         t = np.where(row[beyond] > hi, hi, lo)
-        assert np.all(np.abs(c - t) <= np.spacing(np.abs(row[beyond]).astype(np.float32)))
+        assert np.all(np.abs(c - t) <= np.spacing(np.abs(row[beyond]).astype(np.float32)) + 1e-5 * np.abs(t))
+        # About (1 - alpha) of each side is clamped, as with torch.quantile.
+        c_side = (shape[1] - 1) - math.floor(alpha * (shape[1] - 1) + 1e-9)
+        assert (residual[r] != 0).sum().item() <= 2 * c_side
 
 
 def test_occ_exact_sum_on_extreme_outliers_float32():
@@ -87,15 +92,18 @@ def test_occ_exact_sum_on_extreme_outliers_float32():
     x[:, :6] *= torch.logspace(1, 30, 6)
     clamped, residual = occ_clamp(x, alpha=0.99)
     assert torch.equal(clamped + residual, x)
-    assert (residual != 0).float().mean().item() <= 2 * 0.01 + 1e-3
+    c_side = 511 - math.floor(0.99 * 511)
+    assert (residual != 0).sum(-1).max().item() <= 2 * c_side
 
 
 def test_occ_tensor_scope_and_special_values():
     x = torch.randn(8, 64)
     clamped, residual = occ_clamp(x, alpha=0.97, scope="tensor")
     assert torch.equal(clamped + residual, x)
-    k = math.ceil(0.03 * x.numel())
-    assert (residual > 0).sum().item() <= k - 1 and (residual < 0).sum().item() <= k - 1
+    c_side = (x.numel() - 1) - math.floor(0.97 * (x.numel() - 1))
+    assert 0 < (residual > 0).sum().item() <= c_side and 0 < (residual < 0).sum().item() <= c_side
+    upper = torch.quantile(x.flatten(), 0.97)
+    assert torch.allclose(clamped.max(), upper, rtol=1e-6)
     x[0, 0] = float("nan")
     x[1, 1] = float("inf")
     c, r = occ_clamp(x, alpha=0.97)
@@ -124,6 +132,6 @@ def test_occ_index_is_integer_arithmetic_no_recompile_per_shape():
     fn = torch.compile(lambda t: occ_clamp(t, alpha=0.99)[0], backend=backend, dynamic=True)
     for n in (64, 100, 300, 1000, 1234, 2000, 4096):
         fn(torch.randn(3, n))
-    # One graph for k == 1 (n <= 100 at alpha 0.99: dynamo specialises sizes equal
-    # to 1) and one for every larger n; a float index would compile once per n.
+    # At most two graphs (dynamo may specialise a size that equals 1 on the first
+    # shapes); a float index would compile once per n.
     assert len(counts) <= 2

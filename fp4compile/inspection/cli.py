@@ -103,7 +103,8 @@ def run(args) -> int:
 
     inspection = inspect(model, *example_args, options={"recipe": args.recipe})
     print(inspection)
-    if args.model == "demo" and inspection.graphs and len(inspection.graphs[0].symbol_names()) < 2:
+    full_length = args.model == "demo" and example_args[0].shape[1] == model.config.max_seq_len
+    if full_length and inspection.graphs and len(inspection.graphs[0].symbol_names()) < 2:
         print("Note: dynamo specialised the sequence length (a --seq equal to the preset's max_seq_len slices "
               "the whole rotary tables and mask), so shapes and cost are symbolic in the batch size only; "
               "a shorter --seq keeps s symbolic.")

@@ -8,6 +8,7 @@ A dump folder holds one subfolder per graph (`graph_0/`, `graph_1/`, ...):
     sites.md     the site table, one row per matmul site, with the decision
     sites.csv    the same, machine-readable (M, K, N in separate columns)
     graph.html   the rewritten graph drawn with the inserted and skipped nodes marked
+                 (the top-level graph; higher-order-op bodies are in the code files)
 
 and an `index.md` listing the graphs with their summaries.
 
@@ -22,6 +23,8 @@ import csv
 import os
 import re
 from pathlib import Path
+
+import torch.fx as fx
 
 from ..report import format_table
 from ..runtime import linear_ops
@@ -76,11 +79,32 @@ def site_row(site, config) -> dict:
     }
 
 
+def graph_module_code(gm) -> str:
+    """`gm.code`, followed by the code of every higher-order-op body it holds (checkpoint regions).
+
+    The site finder also quantizes matmuls inside such bodies; their code lives
+    in submodules, not in the top-level code.
+    """
+    parts = [gm.code]
+    for name, sub in gm.named_modules():
+        if name and isinstance(sub, fx.GraphModule):
+            parts.append(f"\n# ---- {name}: body of a higher-order op (e.g. an activation-checkpoint region) ----\n"
+                         + sub.code)
+    return "".join(parts)
+
+
+def in_graph(site, gm) -> bool:
+    """Whether `site`'s matmul is a node of `gm`'s own graph (not of a higher-order-op body)."""
+    owner = getattr(site, "graph_module", None)
+    return owner is None or owner is gm
+
+
 def node_kinds(graph, sites) -> dict:
     """Node name -> HTML node kind: inserted ops by their target, skipped sites' matmuls.
 
-    For a graph before the rewrite (the site matmuls still in it) quantized
-    sites are marked "quantized_matmul".
+    `sites` should be those of `graph` itself (see `in_graph`): a body's node
+    names may repeat the top graph's. For a graph before the rewrite (the site
+    matmuls still in it) quantized sites are marked "quantized_matmul".
     """
     kinds = {}
     site_by_node = {site.node: site for site in sites}
@@ -115,7 +139,7 @@ def write_graph_dump(folder, after_gm, sites, config, graph_index: int, before_c
         (folder / "before.py").write_text(before_code, encoding="utf-8")
     else:
         (folder / "before.py").unlink(missing_ok=True)  # never leave an older graph's code next to this one
-    (folder / "after.py").write_text(after_gm.code, encoding="utf-8")
+    (folder / "after.py").write_text(graph_module_code(after_gm), encoding="utf-8")
 
     rows = [site_row(site, config) for site in sites]
     heading = f"# {summary_line(graph_index, sites, config)}\n\n{describe_formats(config)}\n\n"
@@ -132,7 +156,8 @@ def write_graph_dump(folder, after_gm, sites, config, graph_index: int, before_c
                              site.reason, " ".join(site.inserted)])
     from .html import write_graph_html  # networkx: imported only when a dump is written
 
-    write_graph_html(folder / "graph.html", after_gm.graph, node_kinds(after_gm.graph, sites), rows,
+    top_level = [site for site in sites if in_graph(site, after_gm)]
+    write_graph_html(folder / "graph.html", after_gm.graph, node_kinds(after_gm.graph, top_level), rows,
                      f"fp4compile graph {graph_index}: {describe_formats(config)}")
     return folder
 

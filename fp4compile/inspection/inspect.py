@@ -28,10 +28,12 @@ import torch.fx as fx
 
 # The backend's own option validation and target choice, so that inspect()
 # decides exactly as torch.compile(..., backend="fp4") would.
+from ..backend import Fp4OptionsError
 from ..backend import _config as backend_config
 from ..backend import _target as backend_target
 from ..config import Fp4Config
 from ..passes import run_passes
+from ..passes.policy import check_skip_patterns
 from ..report import GraphReport, format_table
 from . import dump
 
@@ -52,11 +54,16 @@ class CapturedGraph:
 
     @property
     def before_code(self) -> str:
-        return self.before.code
+        return dump.graph_module_code(self.before)
 
     @property
     def after_code(self) -> str:
-        return self.after.code
+        return dump.graph_module_code(self.after)
+
+    @property
+    def top_level_sites(self) -> list:
+        """The sites whose matmul is a node of the graph itself, not of a higher-order-op body."""
+        return [site for site in self.sites if dump.in_graph(site, self.after)]
 
     def shape_symbols(self) -> dict[str, str]:
         """Dynamo's shape symbols and what they stand for: {'s77': "x.size(0) = 4"}."""
@@ -119,15 +126,26 @@ class _GraphRunner:
         self.forward = None
 
 
+def _snapshot(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of `gm` and its higher-order-op bodies, made before the passes rewrite them in place.
+
+    The graphs are copied, the node metadata shallowly: the matmul nodes and
+    dynamo's example values (which the cost model reads) survive in the copy.
+    """
+    snapshot = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    for name, child in gm.named_children():
+        if isinstance(child, fx.GraphModule):
+            setattr(snapshot, name, _snapshot(child))
+    return snapshot
+
+
 def capture(model, example_args, example_kwargs, config) -> list[CapturedGraph]:
     """Dynamo-capture `model` on the example inputs; run the passes on every graph."""
     graphs: list[CapturedGraph] = []
     runners: list[_GraphRunner] = []
 
     def capturing_backend(gm: fx.GraphModule, example_inputs):
-        # A copy of the graph before the rewrite: the matmul nodes and dynamo's
-        # example values (the cost model reads both) survive in it.
-        before = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        before = _snapshot(gm)
         report = GraphReport(graph_id=len(graphs), backend="inspect", config=config)
         run_passes(gm, example_inputs, config, backend_target(config, example_inputs), report)
         graphs.append(CapturedGraph(len(graphs), before, gm, report, list(example_inputs)))
@@ -218,19 +236,24 @@ class Inspection:
         `symbol_names` renames dynamo's shape symbols; by default the symbolic
         dims of the first input tensor are named b, s (the demo's idx [b, s]).
         OCC and DGE are charged as the config sets them. The paper's LLaMA-layer
-        figures come with it.
+        figures come with it. Matmuls inside higher-order-op bodies (activation
+        checkpoint regions) are not counted: the cost model reads the top-level
+        graph only.
         """
         from .cost_model import graph_cost
 
+        if not self.graphs:
+            raise ValueError("dynamo captured no graph from this model: there is nothing to cost")
         captured = self.graphs[graph]
         if symbol_names is None:
             symbol_names = captured.symbol_names()
-        quantized = {site.node: site.quantized for site in captured.sites}
+        quantized = {site.node: site.quantized for site in captured.top_level_sites}
         kwargs = dict(occ_alpha=self.config.occ_alpha, dge=self.config.dge_clamp is not None)
         return CostReport(
             graph=graph_cost(captured.before, quantized, symbol_names, gemm_speedup=gemm_speedup, **kwargs),
             graph_on_fp8=graph_cost(captured.before, quantized, symbol_names, gemm_speedup=2, **kwargs),
             paper=paper_layer_speedups(),
+            uncounted_sites=len(captured.sites) - len(quantized),
         )
 
 
@@ -253,12 +276,18 @@ class CostReport:
     graph: object  # GraphCost at the requested FP4 GEMM speedup
     graph_on_fp8: object  # GraphCost with the FP4 GEMMs on FP8 tensor cores (2x BF16)
     paper: dict
+    uncounted_sites: int = 0  # sites inside higher-order-op bodies, which the graph cost does not see
 
     def __str__(self) -> str:
         lines = [
             "Theoretical cost (FLOP count, no timing): every FLOP at the BF16 rate except FP4 GEMMs.",
             self.graph.table(),
             f"with the FP4 GEMMs on FP8 tensor cores (2x BF16): fwd+bwd {self.graph_on_fp8.speedup_value:.3f}x",
+        ]
+        if self.uncounted_sites:
+            lines.append(f"not counted: {self.uncounted_sites} matmul site(s) inside higher-order-op bodies "
+                         "(activation-checkpoint regions)")
+        lines += [
             "",
             "The paper's LLaMA layer, h=4096, s=2048, (24h + 5s + 36) / (24h/g + 5s + 36):",
         ]
@@ -271,9 +300,16 @@ def inspect(model, *example_args, options=None, **example_kwargs) -> Inspection:
     """Capture `model(*example_args, **example_kwargs)` with dynamo and run the fp4 passes on it.
 
     `options` are the backend's (`{"recipe": "paper", ...}` or an Fp4Config),
-    validated as `torch.compile(..., options=...)` validates them. The model
+    validated as `torch.compile(..., options=...)` validates them (a skip
+    pattern that names no module of the model is an error). The model
     runs once, without grad, through the rewritten graphs.
     """
     config = backend_config(options)
+    root = getattr(model, "_orig_mod", model)  # an already compiled model: its modules' own names
+    if isinstance(root, torch.nn.Module):
+        try:
+            check_skip_patterns(config, [name for name, _ in root.named_modules()])
+        except ValueError as exc:
+            raise Fp4OptionsError(str(exc)) from None
     graphs = capture(model, example_args, example_kwargs, config)
     return Inspection(model, example_args, example_kwargs, config, graphs)

@@ -21,37 +21,52 @@ def alpha_fraction(alpha: float) -> tuple[int, int]:
 
 
 def outliers_per_side(n, alpha_num: int, alpha_den: int):
-    """k = ceil((1 - alpha) * n), at least 1, in integer arithmetic.
+    """c: how many values per side lie strictly beyond the alpha quantile of n values.
 
-    `n` may be a symbolic size under torch.compile: integer arithmetic keeps one
-    compiled graph for every size (float `int(0.99 * n)` would specialise on n).
+    With linear interpolation (torch.quantile's and numpy's default) the alpha
+    quantile sits at sorted position alpha * (n - 1); the c = (n - 1) -
+    floor(alpha * (n - 1)) largest values lie beyond it (ties aside), about
+    (1 - alpha) * n + 1. Integer arithmetic: `n` may be a symbolic size under
+    torch.compile, and a float `int(0.99 * n)` would specialise on every n.
     """
-    k = ((alpha_den - alpha_num) * n + alpha_den - 1) // alpha_den
-    return max(k, 1) if isinstance(k, int) else torch.sym_max(k, 1)
+    return (n - 1) - (alpha_num * (n - 1)) // alpha_den
 
 
 def occ_thresholds(x: torch.Tensor, alpha_num: int, alpha_den: int, scope: str = "row", with_index: bool = False):
-    """Upper and lower clamp thresholds: the k-th largest and k-th smallest values.
+    """Upper and lower clamp thresholds: the alpha and 1 - alpha quantiles.
 
-    This is the nearest-rank quantile with k = ceil((1 - alpha) * n), found by a
-    top-k rather than a sort. The thresholds never cross zero (upper >= 0 >=
-    lower), so clamping only ever shrinks magnitudes and never flips a sign.
+    Exactly torch.quantile's linear interpolation, found by a top-k of c + 1
+    values per side rather than a sort: the quantile lies between the (c + 1)-th
+    and the c-th largest value, at the fraction (alpha * (n - 1)) mod 1 of the
+    way. The thresholds never cross zero (upper >= 0 >= lower), so clamping only
+    ever shrinks magnitudes and never flips a sign.
     """
     flat = x if scope == "row" else x.reshape(-1)
-    k = outliers_per_side(flat.shape[-1], alpha_num, alpha_den)
-    top, bottom = flat.topk(k, dim=-1), flat.topk(k, dim=-1, largest=False)
-    upper = top.values[..., -1:].clamp(min=0)
-    lower = bottom.values[..., -1:].clamp(max=0)
+    n = flat.shape[-1]
+    c = outliers_per_side(n, alpha_num, alpha_den)
+    top, bottom = flat.topk(c + 1, dim=-1), flat.topk(c + 1, dim=-1, largest=False)
+    # Interpolation weight (alpha * (n - 1)) mod 1 as an integer ratio: a
+    # symbolic size times a tensor stays symbolic (no recompile per size).
+    frac_num = (alpha_num * (n - 1)) % alpha_den
+    upper = _interpolate(top.values, c, frac_num, alpha_den).clamp(min=0)
+    lower = _interpolate(bottom.values, c, frac_num, alpha_den).clamp(max=0)
     if scope == "tensor":
         upper = upper.reshape([1] * x.dim())
         lower = lower.reshape([1] * x.dim())
     if not with_index:
         return upper, lower
-    # Every clamped entry lies strictly beyond the k-th value, so among the first
-    # k - 1 indices of each side: the sparse residual has at most 2(k - 1) entries
-    # per row (per tensor for scope "tensor"), at these positions.
-    index = torch.cat([top.indices[..., : k - 1], bottom.indices[..., : k - 1]], dim=-1)
+    # Every clamped entry lies strictly beyond the quantile, so among the first c
+    # indices of its side: the sparse residual has at most 2c entries per row
+    # (per tensor for scope "tensor"), at these positions.
+    index = torch.cat([top.indices[..., :c], bottom.indices[..., :c]], dim=-1)
     return upper, lower, index
+
+
+def _interpolate(extremes: torch.Tensor, c, frac_num, frac_den: int) -> torch.Tensor:
+    """Between the (c + 1)-th and c-th extreme value (sorted outward), at frac_num/frac_den."""
+    inner = extremes[..., c:]  # [..., 1]: the (c + 1)-th extreme
+    outer = extremes[..., c - 1 : c] if c >= 1 else inner
+    return inner + (outer - inner) * frac_num / frac_den
 
 
 def occ_split(x: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor):

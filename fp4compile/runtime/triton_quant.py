@@ -3,12 +3,13 @@
 The runtime ops (`occ`, `quantize`, `dge`, `gemm`) are plain PyTorch, and
 Inductor fuses most of them well. One step it cannot: the OCC thresholds are a
 per-row k-th largest / k-th smallest, which Inductor leaves to `aten.topk`
-(two extra passes and a sort of the k winners, per side). The kernels here do
-the whole activation path of SPEC.md sections 2 and 4 in one pass over each
-row, kept in registers:
+(a separate selection per side, then a gather for the sparse residual). The
+kernels here do the whole activation path of SPEC.md sections 2 and 4 in one
+pass over each row, kept in registers:
 
     NaN-aware selection of the k-th largest and k-th smallest value
-    -> exact clamp/residual split -> row amax -> scale -> E2M1 (or E4M3) grid
+    -> exact clamp/residual split (dense, or sparse as (values, index))
+    -> row amax -> scale -> E2M1 (or E4M3) grid
 
 and the other element-wise steps of a quantized layer (weight rows, the DGE
 backward, the per-tensor E5M2 gradient cast), so that each has one fused
@@ -58,20 +59,24 @@ __all__ = [
     "interpreting",
     "supports_row_kernel",
     "occ_thresholds_rows",
+    "occ_residual_rows",
     "occ_quantize_rows",
+    "occ_quantize_rows_sparse",
     "quantize_rows",
     "dge_backward",
     "cast_gradient",
     "occ_thresholds_reference",
+    "occ_residual_rows_reference",
     "occ_quantize_rows_reference",
+    "sparse_to_dense",
     "quantize_rows_reference",
     "dge_backward_reference",
     "cast_gradient_reference",
 ]
 
-# The row kernels hold a whole row in registers (one program per row), which is
-# what makes the selection a single pass. 16k float32 elements per program is
-# about 32 registers per thread at 16 warps; longer rows fall back to torch.
+# The row kernels hold whole rows in registers, which is what makes the
+# selection a single pass. A 16k-element row is 32 float32 per thread at 16
+# warps; longer rows stay with the torch ops.
 MAX_ROW_LENGTH = 16384
 # Formats the row kernels quantize to: E2M1 (FP4) and E4M3 (the FP8 recipe).
 VALUE_FORMATS = {"e2m1": 0, "e4m3": 1}
@@ -100,29 +105,29 @@ def supports_row_kernel(k: int) -> bool:
 
 @triton.jit
 def _kth_largest_key(key, k, LOW_BITS: tl.constexpr):
-    """The k-th largest of the non-negative int32 `key`s (-1 marks an excluded entry).
+    """Per row of `key` [BLOCK_M, BLOCK_K]: the k-th largest non-negative int32 key (-1 = excluded).
 
     Bitwise bisection: build the answer from bit 30 down, keeping a bit if at
     least k keys are >= the prefix with that bit set. Each step is one compare
-    and one row reduction over the row in registers; no sort, no global memory.
-    The result is the largest v with count(key >= v) >= k, which is exactly the
-    k-th largest key. Bits below LOW_BITS are zero in every key (bf16 and fp16
-    inputs converted to float32 leave 16 and 13 zero mantissa bits), so the
-    search stops there: 31 - LOW_BITS steps (15 for bf16, 31 for float32).
-    Returns -1 if fewer than k keys are non-negative.
+    and one row reduction over the rows in registers: no sort, no extra pass
+    over memory. The result is the largest v with count(key >= v) >= k, which
+    is exactly the k-th largest key. Bits below LOW_BITS are zero in every key
+    (bf16 and fp16 inputs converted to float32 leave 16 and 13 zero mantissa
+    bits), so the search stops there: 31 - LOW_BITS steps (15 for bf16, 31 for
+    float32). Returns -1 for rows with fewer than k non-negative keys.
     """
-    n_candidates = tl.sum((key >= 0).to(tl.int32), axis=0)
+    n_candidates = tl.sum((key >= 0).to(tl.int32), axis=1)
     found = n_candidates * 0
     for bit in tl.static_range(30, LOW_BITS - 1, -1):
         trial = found | (1 << bit)
-        keep = tl.sum((key >= trial).to(tl.int32), axis=0) >= k
+        keep = tl.sum((key >= trial[:, None]).to(tl.int32), axis=1) >= k
         found = tl.where(keep, trial, found)
     return tl.where(n_candidates >= k, found, -1)
 
 
 @triton.jit
 def _occ_row_thresholds(x, mask, K, k, LOW_BITS: tl.constexpr):
-    """Per-row OCC thresholds: (k-th largest clamped at >= 0, k-th smallest clamped at <= 0).
+    """Per-row OCC thresholds [BLOCK_M]: (k-th largest clamped at >= 0, k-th smallest clamped at <= 0).
 
     Matches `occ_thresholds` (two `topk` calls, then clamp at zero), including
     torch's NaN order (NaN counts as larger than +Inf):
@@ -148,7 +153,7 @@ def _occ_row_thresholds(x, mask, K, k, LOW_BITS: tl.constexpr):
     upper = tl.where(up_key >= 0, up_key, 0).to(tl.float32, bitcast=True)
     # Setting the sign bit: key - 2**31 in int32 (no overflow for key >= 0).
     lower = tl.where(lo_key >= 0, (lo_key - 2147483647) - 1, 0).to(tl.float32, bitcast=True)
-    n_nan = tl.sum((is_nan & mask).to(tl.int32), axis=0)
+    n_nan = tl.sum((is_nan & mask).to(tl.int32), axis=1)
     nan = tl.full([], 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
     lower = tl.where(K - n_nan < k, nan, lower)
     return upper, lower
@@ -156,19 +161,23 @@ def _occ_row_thresholds(x, mask, K, k, LOW_BITS: tl.constexpr):
 
 @triton.jit
 def _occ_row_split(x, upper, lower):
-    """`occ_split` element-wise: (clamped, residual, is_clamped), clamped + residual == x.
+    """`occ_split` element-wise: (clamped, residual, above, below), clamped + residual == x.
 
     The same expressions in the same order as the runtime op, so the residual
-    fl(x - t) and the clamped value x - residual are bit-identical to it.
+    fl(x - t) and the clamped value x - residual are bit-identical to it. A
+    clamped Inf keeps the threshold (its residual is the Inf); an unclamped one
+    (an Inf that is itself the threshold) stays. `above`/`below` mark the
+    entries clamped to the upper/lower threshold (never both: upper >= 0 >= lower).
     """
     above = x > upper
-    is_clamped = above | (x < lower)
+    below = x < lower
+    is_clamped = above | below
     threshold = tl.where(above, upper, lower)
     residual = tl.where(is_clamped, x - threshold, 0.0)
     clamped = tl.where(is_clamped, x - residual, x)
     is_inf = (x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) == 0x7F800000
-    clamped = tl.where(is_inf, threshold, clamped)
-    return clamped, residual, is_clamped
+    clamped = tl.where(is_clamped & is_inf, threshold, clamped)
+    return clamped, residual, above, below
 
 
 @triton.jit
@@ -252,67 +261,84 @@ def _round_to_format(v, FMT: tl.constexpr):
 
 
 @triton.jit
-def _load_row(x_ptr, row, stride_x, K, BLOCK_K: tl.constexpr):
-    offs = tl.arange(0, BLOCK_K)
-    mask = offs < K
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    return x, offs, mask
+def _load_rows(x_ptr, M, K, stride_x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's BLOCK_M rows as float32 [BLOCK_M, BLOCK_K] (0 outside), their
+    row indices, the column indices (broadcast to the block), the flat offsets of
+    a contiguous [M, K] output, and the masks."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_K)
+    row_mask = rows < M
+    mask = row_mask[:, None] & (cols[None, :] < K)
+    rows64 = rows.to(tl.int64)
+    x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    out_offs = rows64[:, None] * K + cols[None, :]
+    cols2d = out_offs - rows64[:, None] * K
+    return x, rows64, cols2d, row_mask, out_offs, mask
 
 
 # ---------------------------------------------------------------------------
-# Kernels.
+# Kernels. The row kernels give each program BLOCK_M whole rows.
 # ---------------------------------------------------------------------------
 
 
 @triton.jit
-def _occ_thresholds_kernel(x_ptr, upper_ptr, lower_ptr, K, stride_x, k_outliers,
-                           LOW_BITS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Per-row OCC thresholds only (one read of each row): upper[M], lower[M] float32."""
-    row = tl.program_id(0).to(tl.int64)
-    x, offs, mask = _load_row(x_ptr, row, stride_x, K, BLOCK_K)
-    upper, lower = _occ_row_thresholds(x, mask, K, k_outliers, LOW_BITS)
-    tl.store(upper_ptr + row, upper)
-    tl.store(lower_ptr + row, lower)
+def _occ_rows_kernel(x_ptr, values_ptr, scale_ptr, residual_ptr, r_values_ptr, r_index_ptr,
+                     upper_ptr, lower_ptr, count_ptr,
+                     M, K, stride_x, k_outliers,
+                     QUANTIZE: tl.constexpr, DENSE_RESIDUAL: tl.constexpr, SPARSE_RESIDUAL: tl.constexpr,
+                     FMT: tl.constexpr, FMAX: tl.constexpr, LOW_BITS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """OCC of activation rows, and optionally their quantization, in one pass over each row.
 
+    Always: per-row thresholds (the selection above) -> upper/lower [M] and the
+    number of clamped entries count [M] (int32). Then, as the constexprs ask:
 
-@triton.jit
-def _occ_quantize_rows_kernel(x_ptr, values_ptr, scale_ptr, residual_ptr, upper_ptr, lower_ptr, count_ptr,
-                              K, stride_x, k_outliers,
-                              FMT: tl.constexpr, FMAX: tl.constexpr, LOW_BITS: tl.constexpr,
-                              BLOCK_K: tl.constexpr):
-    """OCC + row quantization of activations in one pass over each row.
-
-    Per row: thresholds (selection), clamp/residual split, amax of the clamped
-    row, scale = amax / FMAX, grid values of clamped / scale. Writes values
-    [M, K] (float8_e4m3fn or float32), scale [M], residual [M, K] (its dtype),
-    upper/lower [M] and the number of clamped entries [M] (int32).
+    - SPARSE_RESIDUAL: the residual as (values, index) [M, 2(k - 1)], the form
+      `_OccClamp` hands to the compensation. Entries clamped to the upper
+      threshold fill slots [0, k - 1), those clamped to the lower one slots
+      [k - 1, 2(k - 1)), each in column order (an exclusive prefix count gives
+      the slot); unused slots keep the launcher's zeros (value 0, index 0).
+      At most k - 1 entries lie strictly beyond each k-th value, so they fit.
+    - DENSE_RESIDUAL: the residual [M, K] in the output's dtype.
+    - QUANTIZE: amax of the clamped row, scale = amax / FMAX [M], and the grid
+      values of clamped / scale [M, K] (float8_e4m3fn or float32 store).
     """
-    row = tl.program_id(0).to(tl.int64)
-    x, offs, mask = _load_row(x_ptr, row, stride_x, K, BLOCK_K)
+    x, rows, cols, row_mask, out_offs, mask = _load_rows(x_ptr, M, K, stride_x, BLOCK_M, BLOCK_K)
     upper, lower = _occ_row_thresholds(x, mask, K, k_outliers, LOW_BITS)
-    clamped, residual, is_clamped = _occ_row_split(x, upper, lower)
-    amax = tl.max(_nan_aware_abs(clamped, mask), axis=0)
-    scale = _finish_scale(amax, FMAX)
-    values = _round_to_format(tl.math.div_rn(clamped, scale), FMT)
-    tl.store(values_ptr + row * K + offs, values.to(values_ptr.dtype.element_ty), mask=mask)
-    tl.store(residual_ptr + row * K + offs, residual.to(residual_ptr.dtype.element_ty), mask=mask)
-    tl.store(scale_ptr + row, scale)
-    tl.store(upper_ptr + row, upper)
-    tl.store(lower_ptr + row, lower)
-    tl.store(count_ptr + row, tl.sum((is_clamped & mask).to(tl.int32), axis=0))
+    clamped, residual, above, below = _occ_row_split(x, upper[:, None], lower[:, None])
+    above = above & mask
+    below = below & mask
+    is_clamped = above | below
+    tl.store(upper_ptr + rows, upper, mask=row_mask)
+    tl.store(lower_ptr + rows, lower, mask=row_mask)
+    tl.store(count_ptr + rows, tl.sum(is_clamped.to(tl.int32), axis=1), mask=row_mask)
+    if SPARSE_RESIDUAL:
+        j_half = k_outliers - 1
+        up_slot = tl.cumsum(above.to(tl.int32), axis=1) - 1
+        lo_slot = j_half + tl.cumsum(below.to(tl.int32), axis=1) - 1
+        slot_offs = rows[:, None] * (2 * j_half) + tl.where(above, up_slot, lo_slot)
+        tl.store(r_values_ptr + slot_offs, residual.to(r_values_ptr.dtype.element_ty), mask=is_clamped)
+        tl.store(r_index_ptr + slot_offs, cols.to(tl.int64), mask=is_clamped)
+    if DENSE_RESIDUAL:
+        tl.store(residual_ptr + out_offs, residual.to(residual_ptr.dtype.element_ty), mask=mask)
+    if QUANTIZE:
+        amax = tl.max(_nan_aware_abs(clamped, mask), axis=1)
+        scale = _finish_scale(amax, FMAX)
+        values = _round_to_format(tl.math.div_rn(clamped, scale[:, None]), FMT)
+        tl.store(values_ptr + out_offs, values.to(values_ptr.dtype.element_ty), mask=mask)
+        tl.store(scale_ptr + rows, scale, mask=row_mask)
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, values_ptr, scale_ptr, K, stride_x,
-                          FMT: tl.constexpr, FMAX: tl.constexpr, BLOCK_K: tl.constexpr):
+def _quantize_rows_kernel(x_ptr, values_ptr, scale_ptr, M, K, stride_x,
+                          FMT: tl.constexpr, FMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Row quantization without OCC (weights [out, in]: one scale per output channel)."""
-    row = tl.program_id(0).to(tl.int64)
-    x, offs, mask = _load_row(x_ptr, row, stride_x, K, BLOCK_K)
-    amax = tl.max(_nan_aware_abs(x, mask), axis=0)
+    x, rows, cols, row_mask, out_offs, mask = _load_rows(x_ptr, M, K, stride_x, BLOCK_M, BLOCK_K)
+    amax = tl.max(_nan_aware_abs(x, mask), axis=1)
     scale = _finish_scale(amax, FMAX)
-    values = _round_to_format(tl.math.div_rn(x, scale), FMT)
-    tl.store(values_ptr + row * K + offs, values.to(values_ptr.dtype.element_ty), mask=mask)
-    tl.store(scale_ptr + row, scale)
+    values = _round_to_format(tl.math.div_rn(x, scale[:, None]), FMT)
+    tl.store(values_ptr + out_offs, values.to(values_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + rows, scale, mask=row_mask)
 
 
 @triton.jit
@@ -342,7 +368,7 @@ def _dge_backward_kernel(w_ptr, scale_ptr, grad_ptr, out_ptr, N, K,
         p = libdevice.pow(t, exponent)
     else:
         # Interpreter: float64 exp2/log2, then one rounding to float32.
-        p = tl.exp2(tl.log2(t.to(tl.float64)) * exponent.to(tl.float64)).to(tl.float32)
+        p = tl.exp2(tl.log2(t.to(tl.float64)) * exponent).to(tl.float32)
     slope = tl.math.div_rn(p, k_value)
     if HAS_CLAMP:
         slope = tl.where(slope > clamp, clamp, slope)  # keeps NaN, like torch.clamp
@@ -405,18 +431,30 @@ def _grad_cast_kernel(g_ptr, fold_ptr, amax_ptr, values_ptr, scale_ptr, R, C, st
 # ---------------------------------------------------------------------------
 
 
-def _row_launch_config(k: int) -> tuple[int, int]:
-    """(BLOCK_K, num_warps) for a row of length k: the row fits one program."""
+def _row_launch_config(k: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K, num_warps) for rows of length k: whole rows per program.
+
+    Short rows are batched (up to 16 per program, about 2048 elements) so that
+    small K does not leave most lanes of a program idle. The choice depends on
+    K only, never on M, so a dynamic token count does not specialise the graph.
+    """
     if not supports_row_kernel(k):
         raise ValueError(f"row length K={k} is outside the row kernels' range 1..{MAX_ROW_LENGTH}")
-    block = triton.next_power_of_2(k)
-    num_warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
-    return block, num_warps
+    block_k = triton.next_power_of_2(k)
+    block_m = max(1, min(16, 2048 // block_k))
+    elements = block_m * block_k
+    num_warps = 4 if elements <= 2048 else (8 if elements <= 8192 else 16)
+    return block_m, block_k, num_warps
 
 
 def _low_zero_bits(dtype: torch.dtype) -> int:
     """Mantissa bits that are zero in every float32 converted from `dtype`."""
     return {torch.bfloat16: 16, torch.float16: 13}.get(dtype, 0)
+
+
+def _as_float32(v: float) -> float:
+    """v rounded to float32, as torch rounds a Python scalar used with a float32 tensor."""
+    return float(torch.tensor(float(v), dtype=torch.float32))
 
 
 def _check_rows(x: torch.Tensor, name: str) -> None:
@@ -433,6 +471,52 @@ def _check_choice(name, value, valid):
         raise ValueError(f"{name}={value!r} is not supported; valid: {', '.join(map(str, valid))}")
 
 
+def _launch_occ(x, alpha_num, alpha_den, *, quantize_fmt=None, values_dtype=None,
+                dense_residual_dtype=None, sparse_residual=False):
+    """Allocate the outputs the variant needs and run `_occ_rows_kernel` once.
+
+    Returns a dict of outputs; outputs a variant does not produce are not in it.
+    """
+    M, K = x.shape
+    block_m, block_k, num_warps = _row_launch_config(K)
+    k = outliers_per_side(K, alpha_num, alpha_den)
+    dev = x.device
+
+    def ptr(name):  # an output, or a stand-in the kernel never touches (its store is compiled out)
+        return out[name] if name in out else torch.empty((1,), device=dev, dtype=torch.float32)
+
+    out = {
+        "upper": torch.empty((M, 1), device=dev, dtype=torch.float32),
+        "lower": torch.empty((M, 1), device=dev, dtype=torch.float32),
+        "count": torch.empty((M,), device=dev, dtype=torch.int32),
+    }
+    if quantize_fmt is not None:
+        out["values"] = torch.empty((M, K), device=dev, dtype=values_dtype)
+        out["scale"] = torch.empty((M, 1), device=dev, dtype=torch.float32)
+    if dense_residual_dtype is not None:
+        out["residual"] = torch.empty((M, K), device=dev, dtype=dense_residual_dtype)
+    if sparse_residual:
+        # Unused slots stay (0.0, index 0): they add nothing to the compensation.
+        out["r_values"] = torch.zeros((M, 2 * (k - 1)), device=dev, dtype=torch.float32)
+        out["r_index"] = torch.zeros((M, 2 * (k - 1)), device=dev, dtype=torch.int64)
+    if M > 0:
+        wrap_triton(_occ_rows_kernel)[(triton.cdiv(M, block_m),)](
+            x, ptr("values"), ptr("scale"), ptr("residual"), ptr("r_values"), ptr("r_index"),
+            out["upper"],
+            out["lower"],
+            out["count"],
+            M, K, x.stride(0), k,
+            QUANTIZE=quantize_fmt is not None,
+            DENSE_RESIDUAL=dense_residual_dtype is not None,
+            SPARSE_RESIDUAL=sparse_residual,
+            FMT=VALUE_FORMATS.get(quantize_fmt, 0),
+            FMAX=_FORMAT_MAX.get(quantize_fmt, 1.0),
+            LOW_BITS=_low_zero_bits(x.dtype),
+            BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,
+        )
+    return out
+
+
 @triton_op("fp4compile::occ_thresholds_rows", mutates_args=())
 def occ_thresholds_rows(x: torch.Tensor, alpha_num: int, alpha_den: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row OCC thresholds of a 2-D tensor: (upper [M, 1], lower [M, 1]) float32.
@@ -440,17 +524,26 @@ def occ_thresholds_rows(x: torch.Tensor, alpha_num: int, alpha_den: int) -> tupl
     Equals `occ_thresholds(x.float(), alpha_num, alpha_den, "row")` exactly.
     """
     _check_rows(x, "occ_thresholds_rows")
-    M, K = x.shape
-    block, num_warps = _row_launch_config(K)
-    k = outliers_per_side(K, alpha_num, alpha_den)
-    upper = torch.empty((M, 1), device=x.device, dtype=torch.float32)
-    lower = torch.empty((M, 1), device=x.device, dtype=torch.float32)
-    if M > 0:
-        wrap_triton(_occ_thresholds_kernel)[(M,)](
-            x, upper, lower, K, x.stride(0), k,
-            LOW_BITS=_low_zero_bits(x.dtype), BLOCK_K=block, num_warps=num_warps,
-        )
-    return upper, lower
+    out = _launch_occ(x, alpha_num, alpha_den)
+    return out["upper"], out["lower"]
+
+
+@triton_op("fp4compile::occ_residual_rows", mutates_args=())
+def occ_residual_rows(
+    x: torch.Tensor, alpha_num: int, alpha_den: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row OCC thresholds and sparse residual: (upper, lower, r_values, r_index, count).
+
+    `r_values` [M, 2(k - 1)] float32 and `r_index` [M, 2(k - 1)] int64 hold the
+    same non-zero residual entries as `_OccClamp`'s (values, index), each
+    exactly; the order of the entries within a row, and the positions of the
+    zero padding, differ (column order here, topk order there). The clamped
+    activation is then `occ_split(x, upper, lower)[0]`, which Inductor fuses
+    into the quantization that reads it.
+    """
+    _check_rows(x, "occ_residual_rows")
+    out = _launch_occ(x, alpha_num, alpha_den, sparse_residual=True)
+    return out["upper"], out["lower"], out["r_values"], out["r_index"], out["count"]
 
 
 @triton_op("fp4compile::occ_quantize_rows", mutates_args=())
@@ -462,7 +555,7 @@ def occ_quantize_rows(
     values_dtype: torch.dtype = torch.float8_e4m3fn,
     residual_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """OCC clamp + row quantization of activations [M, K] in one pass.
+    """OCC clamp + row quantization of activations [M, K] in one pass, dense residual.
 
     Returns (values [M, K] in `values_dtype`, scale [M, 1] float32, residual
     [M, K] in `residual_dtype`, upper [M, 1], lower [M, 1], count [M] int32),
@@ -471,23 +564,30 @@ def occ_quantize_rows(
     _check_rows(x, "occ_quantize_rows")
     _check_choice("fmt", fmt, tuple(VALUE_FORMATS))
     _check_choice("values_dtype", values_dtype, _VALUE_DTYPES)
-    M, K = x.shape
-    block, num_warps = _row_launch_config(K)
-    k = outliers_per_side(K, alpha_num, alpha_den)
-    dev = x.device
-    values = torch.empty((M, K), device=dev, dtype=values_dtype)
-    residual = torch.empty((M, K), device=dev, dtype=residual_dtype)
-    scale = torch.empty((M, 1), device=dev, dtype=torch.float32)
-    upper = torch.empty((M, 1), device=dev, dtype=torch.float32)
-    lower = torch.empty((M, 1), device=dev, dtype=torch.float32)
-    count = torch.empty((M,), device=dev, dtype=torch.int32)
-    if M > 0:
-        wrap_triton(_occ_quantize_rows_kernel)[(M,)](
-            x, values, scale, residual, upper, lower, count, K, x.stride(0), k,
-            FMT=VALUE_FORMATS[fmt], FMAX=_FORMAT_MAX[fmt], LOW_BITS=_low_zero_bits(x.dtype),
-            BLOCK_K=block, num_warps=num_warps,
-        )
-    return values, scale, residual, upper, lower, count
+    out = _launch_occ(x, alpha_num, alpha_den, quantize_fmt=fmt, values_dtype=values_dtype,
+                      dense_residual_dtype=residual_dtype)
+    return out["values"], out["scale"], out["residual"], out["upper"], out["lower"], out["count"]
+
+
+@triton_op("fp4compile::occ_quantize_rows_sparse", mutates_args=())
+def occ_quantize_rows_sparse(
+    x: torch.Tensor,
+    alpha_num: int,
+    alpha_den: int,
+    fmt: str = "e2m1",
+    values_dtype: torch.dtype = torch.float8_e4m3fn,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """OCC clamp + row quantization in one pass, sparse residual (see `occ_residual_rows`).
+
+    Returns (values, scale, r_values, r_index, upper, lower, count): the
+    activation path's whole output, with no [M, K] tensor but the grid values.
+    """
+    _check_rows(x, "occ_quantize_rows_sparse")
+    _check_choice("fmt", fmt, tuple(VALUE_FORMATS))
+    _check_choice("values_dtype", values_dtype, _VALUE_DTYPES)
+    out = _launch_occ(x, alpha_num, alpha_den, quantize_fmt=fmt, values_dtype=values_dtype, sparse_residual=True)
+    return (out["values"], out["scale"], out["r_values"], out["r_index"],
+            out["upper"], out["lower"], out["count"])
 
 
 @triton_op("fp4compile::quantize_rows", mutates_args=())
@@ -503,13 +603,13 @@ def quantize_rows(
     _check_choice("fmt", fmt, tuple(VALUE_FORMATS))
     _check_choice("values_dtype", values_dtype, _VALUE_DTYPES)
     M, K = x.shape
-    block, num_warps = _row_launch_config(K)
+    block_m, block_k, num_warps = _row_launch_config(K)
     values = torch.empty((M, K), device=x.device, dtype=values_dtype)
     scale = torch.empty((M, 1), device=x.device, dtype=torch.float32)
     if M > 0:
-        wrap_triton(_quantize_rows_kernel)[(M,)](
-            x, values, scale, K, x.stride(0),
-            FMT=VALUE_FORMATS[fmt], FMAX=_FORMAT_MAX[fmt], BLOCK_K=block, num_warps=num_warps,
+        wrap_triton(_quantize_rows_kernel)[(triton.cdiv(M, block_m),)](
+            x, values, scale, M, K, x.stride(0),
+            FMT=VALUE_FORMATS[fmt], FMAX=_FORMAT_MAX[fmt], BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,
         )
     return values, scale
 
@@ -532,7 +632,7 @@ def dge_backward(
         grid = (triton.cdiv(N, _TILE_R), triton.cdiv(K, _TILE_C))
         wrap_triton(_dge_backward_kernel)[grid](
             w, scale, grad, out, N, K, w.stride(0), grad.stride(0),
-            1.0 / dge_k - 1.0, float(dge_k), 0.0 if dge_clamp is None else float(dge_clamp),
+            _as_float32(1.0 / dge_k - 1.0), _as_float32(dge_k), _as_float32(0.0 if dge_clamp is None else dge_clamp),
             HAS_CLAMP=dge_clamp is not None, USE_LIBDEVICE=not interpreting(),
             BLOCK_R=_TILE_R, BLOCK_C=_TILE_C,
         )
@@ -593,6 +693,18 @@ def occ_thresholds_reference(x: torch.Tensor, alpha_num: int, alpha_den: int):
     return occ_thresholds(x.to(torch.float32), alpha_num, alpha_den, "row")
 
 
+def occ_residual_rows_reference(x: torch.Tensor, alpha_num: int, alpha_den: int):
+    """`occ_residual_rows` as `_OccClamp.forward` computes it (topk indices, gather).
+
+    Returns (upper, lower, r_values, r_index, count, dense residual).
+    """
+    x32 = x.to(torch.float32)
+    upper, lower, index = occ_thresholds(x32, alpha_num, alpha_den, "row", with_index=True)
+    _, residual = occ_split(x32, upper, lower)
+    count = ((x32 > upper) | (x32 < lower)).sum(dim=-1, dtype=torch.int32)
+    return upper, lower, residual.gather(-1, index), index, count, residual
+
+
 def occ_quantize_rows_reference(x: torch.Tensor, alpha_num: int, alpha_den: int, fmt: str = "e2m1"):
     """`occ_quantize_rows` with the runtime ops, as `_OccClamp` then `_QuantizeActivation` run them.
 
@@ -605,6 +717,12 @@ def occ_quantize_rows_reference(x: torch.Tensor, alpha_num: int, alpha_den: int,
     values, scale = quantize(clamped, granularity="row", fmt=fmt)
     count = ((x32 > upper) | (x32 < lower)).sum(dim=-1, dtype=torch.int32)
     return values, scale, residual, upper, lower, count
+
+
+def sparse_to_dense(r_values: torch.Tensor, r_index: torch.Tensor, k: int) -> torch.Tensor:
+    """Scatter a sparse residual (values, index) [M, J] back to a dense [M, K] tensor."""
+    dense = torch.zeros((r_values.shape[0], k), dtype=r_values.dtype, device=r_values.device)
+    return dense.scatter_add(-1, r_index, r_values)
 
 
 def quantize_rows_reference(x: torch.Tensor, fmt: str = "e2m1"):

@@ -1,0 +1,256 @@
+"""Worker script for tests/test_distributed.py: FP4-compiled training under DDP and FSDP2.
+
+Two ways to run it:
+
+    # one process, the whole global batch: the reference loss curves
+    python tests/dist_worker.py single --out DIR
+
+    # two processes over gloo on CPU: a DDP run, then an FSDP2 run (which saves
+    # a distributed checkpoint mid-run), on the same global batch
+    python -m torch.distributed.run --standalone --nproc-per-node 2 \
+        tests/dist_worker.py dist --out DIR
+
+Every run trains the tiny LLaMA (float32, no autocast) for STEPS steps of plain
+SGD on one fixed global batch, compiled with ``--backend`` (``fp4_aot_eager``
+by default), once per entry of CONFIGS. Each rank of a distributed run takes a
+contiguous equal share of the global batch. Results land in DIR/<config>/: a
+JSON file per process (loss curve, what fp4compile reported) and the final full
+(gathered) parameters, for the test to compare.
+
+Inside every process the script asserts that fp4compile.reports() shows
+exactly the expected linear layers quantized: a run that silently fell back to
+high precision (say, because the pass no longer recognised DDP's or FSDP2's
+parameters as weights) fails here, whatever its losses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# Runnable as a plain script from any working directory: the package is the
+# repository root's fp4compile/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import fp4compile  # noqa: E402  (registers the fp4 backends)
+from fp4compile.models.llama import Llama, preset  # noqa: E402
+
+STEPS = 4
+GLOBAL_BATCH = 4  # sequences, split evenly across the ranks
+SEQ_LEN = 32
+# Plain SGD: each update is proportional to its gradient, so float-level
+# differences in the gradient reduction stay float-level in the parameters
+# (Adam's first steps are about lr * sign(g), which amplifies them).
+LR = 0.5
+MODEL_SEED = 0
+DATA_SEED = 1234
+CKPT_STEP = 2  # the FSDP2 run saves a distributed checkpoint after this many steps
+CKPT_CONFIG = "paper"
+
+# "paper" is the shipped recipe. Its backward GEMMs cast dY to E5M2 with one
+# scale per tensor (amax / 57344), and that amax is taken over the *local* dY:
+# one rank's half of the batch in a distributed run, the whole batch in one
+# process. "paper-f32grad" is the same recipe with the dY cast off: the forward
+# (W4A4, OCC, compensation) and DGE are unchanged, and nothing left depends on
+# how the batch is split.
+CONFIGS = {
+    "paper": {"recipe": "paper"},
+    "paper-f32grad": {"recipe": "paper", "grad_fmt": None},
+}
+
+# The linear layers of one tiny-LLaMA block, by name relative to the block.
+BLOCK_LINEARS = tuple(
+    f"{m}.weight"
+    for m in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+)
+# Whole-model graphs (one process, DDP) name them in full. lm_head stays in
+# high precision everywhere (the recipe's default skip list).
+MODEL_LINEARS = tuple(f"layers.{i}.{name}" for i in range(preset("tiny").n_layers) for name in BLOCK_LINEARS)
+
+
+def global_batch() -> torch.Tensor:
+    """The fixed global batch, LongTensor [GLOBAL_BATCH, SEQ_LEN + 1] of bytes, used at every step."""
+    gen = torch.Generator().manual_seed(DATA_SEED)
+    return torch.randint(0, 256, (GLOBAL_BATCH, SEQ_LEN + 1), generator=gen)
+
+
+def build_model() -> Llama:
+    torch.manual_seed(MODEL_SEED)
+    return Llama(preset("tiny"))
+
+
+def quantized_report(tag: str, expected) -> dict:
+    """Summarise fp4compile.reports(); fail unless exactly the `expected` weights were quantized."""
+    reports = fp4compile.reports()
+    quantized = sorted({s.weight_name for r in reports for s in r.quantized})
+    summary = {"graphs": len(reports), "quantized": quantized, "summaries": [r.summary() for r in reports]}
+    assert quantized == sorted(expected), f"[{tag}] expected {sorted(expected)} quantized, got {summary}"
+    return summary
+
+
+def train(compiled, params_module, rank: int, world: int, on_step=None) -> list[float]:
+    """SGD on this rank's share of the global batch; returns the global (mean) loss per step."""
+    optimizer = torch.optim.SGD(params_module.parameters(), lr=LR)
+    share = GLOBAL_BATCH // world
+    local = global_batch()[rank * share:(rank + 1) * share]
+    losses = []
+    for step in range(STEPS):
+        logits = compiled(local[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), local[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        # Every rank holds as many tokens, so the global mean loss is the mean of
+        # the ranks' losses: what one process computes on the whole batch. The
+        # loss comes out of the forward pass, before any gradient reduction.
+        value = loss.detach().clone()
+        if world > 1:
+            torch.distributed.all_reduce(value)
+            value /= world
+        losses.append(value.item())
+        if on_step is not None:
+            on_step(step + 1)
+    return losses
+
+
+def _params(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def run_single(out: Path, backend: str, options: dict) -> dict:
+    fp4compile.reset()
+    model = build_model()
+    compiled = torch.compile(model, backend=backend, options=options)
+    losses = train(compiled, model, rank=0, world=1)
+    torch.save(_params(model), out / "single_params.pt")
+    return {"losses": losses, "report": quantized_report("single", MODEL_LINEARS)}
+
+
+def run_ddp(out: Path, backend: str, options: dict, rank: int, world: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    fp4compile.reset()
+    model = build_model()
+    # Small gradient buckets, so that dynamo's DDPOptimizer splits the graph at
+    # bucket boundaries into several pieces, as it does for any real model, and
+    # the pass has to find the weights in each piece. DDPOptimizer requires the
+    # first bucket to be no larger than the others and reads its cap from this
+    # module constant (1 MiB, more than this whole model).
+    torch.distributed._DEFAULT_FIRST_BUCKET_BYTES = 100_000
+    ddp = DDP(model, bucket_cap_mb=0.1)
+    # Compile the DDP wrapper (the order PyTorch recommends).
+    compiled = torch.compile(ddp, backend=backend, options=options)
+    losses = train(compiled, ddp, rank, world)
+    report = quantized_report(f"ddp rank {rank}", MODEL_LINEARS)
+    torch.save(_params(model), out / f"ddp_params_rank{rank}.pt")
+    return {"losses": losses, "report": report}
+
+
+def run_fsdp2(out: Path, backend: str, options: dict, rank: int, world: int, save_checkpoint: bool) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    fp4compile.reset()
+    model = build_model()
+    mesh = init_device_mesh("cpu", (world,))
+    for block in model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    assert all(isinstance(p, DTensor) for p in model.parameters()), "fully_shard left parameters unsharded"
+    compiled = torch.compile(model, backend=backend, options=options)
+    full_options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def checkpoint(step: int) -> None:
+        if not save_checkpoint or step != CKPT_STEP:
+            return
+        # The sharded state dict (DTensors): each rank writes its own shards.
+        dcp.save(get_model_state_dict(model), checkpoint_id=str(out / "fsdp_dcp"))
+        # The gathered full tensors at the same moment, for the test to compare.
+        full = get_model_state_dict(model, options=full_options)
+        if rank == 0:
+            torch.save(full, out / "fsdp_full_at_ckpt.pt")
+
+    losses = train(compiled, model, rank, world, on_step=checkpoint)
+    # Under FSDP2 the root forward's loop over the blocks breaks the graph at
+    # every FSDP module (dynamo skips FSDP2's hooks, and a graph break inside a
+    # loop makes it run that whole frame eagerly), so what gets compiled is each
+    # block's forward: one graph, guarded on the block's code, that both blocks
+    # run. Its weight names are relative to the block. The root's own matmul
+    # (lm_head) runs eagerly: in high precision, as the recipe's skip list
+    # wants here, but whatever the recipe says (see docs/distributed.md).
+    report = quantized_report(f"fsdp2 rank {rank}", BLOCK_LINEARS)
+    # Weights are quantized per output row of the *full* (all-gathered) weight:
+    # the captured graph's weight operand has the unsharded [out, in] shape, not
+    # the [out / world, in] shard this rank stores.
+    block = build_model().layers[0]
+    shapes = {s.weight_name: tuple(s.weight_shape) for r in fp4compile.reports() for s in r.quantized}
+    for name, shape in shapes.items():
+        full_shape = tuple(block.get_parameter(name).shape)
+        local_shape = tuple(model.layers[0].get_parameter(name).to_local().shape)
+        assert shape == full_shape != local_shape, (
+            f"[fsdp2 rank {rank}] {name} quantized with shape {shape}; full {full_shape}, local shard {local_shape}"
+        )
+    full = get_model_state_dict(model, options=full_options)
+    if rank == 0:
+        torch.save(full, out / "fsdp_params.pt")
+    return {"losses": losses, "report": report, "quantized_weight_shapes": {k: list(v) for k, v in shapes.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["single", "dist"])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--backend", default="fp4_aot_eager")
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    args = parser.parse_args()
+    # One thread per process: two ranks share two cores, and the one-process
+    # reference uses the same GEMM threading as each rank.
+    torch.set_num_threads(1)
+
+    if args.mode == "single":
+        for name in args.configs:
+            out = args.out / name
+            out.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            result = run_single(out, args.backend, CONFIGS[name])
+            result["seconds"] = time.perf_counter() - t0
+            (out / "single.json").write_text(json.dumps(result, indent=1))
+        # Control: the same training uncompiled, all float32. The FP4 curves must
+        # be measurably apart from it, or comparing curves could not tell a run
+        # that silently fell back to high precision from one that did not.
+        plain = build_model()
+        control = {"losses": train(plain, plain, rank=0, world=1)}
+        (args.out / "high_precision.json").write_text(json.dumps(control, indent=1))
+        return
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert GLOBAL_BATCH % world == 0
+    try:
+        for name in args.configs:
+            out = args.out / name
+            out.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            result = {"world": world, "ddp": run_ddp(out, args.backend, CONFIGS[name], rank, world)}
+            dist.barrier()
+            t1 = time.perf_counter()
+            result["fsdp2"] = run_fsdp2(out, args.backend, CONFIGS[name], rank, world, name == CKPT_CONFIG)
+            dist.barrier()
+            result["seconds"] = {"ddp": t1 - t0, "fsdp2": time.perf_counter() - t1}
+            (out / f"dist_rank{rank}.json").write_text(json.dumps(result, indent=1))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""Distributed training, checkpoints and determinism with the fp4 backends, on CPU.
+
+1. DDP and FSDP2 (2 processes over gloo, launched with torchrun) train the tiny
+   LLaMA, compiled with an fp4 backend, along the same loss curve as one process
+   on the same global batch; a distributed checkpoint saved by the FSDP2 run
+   loads into a plain, uncompiled, single-process Llama.
+2. A state_dict saved from a compiled model loads into the plain model and back.
+3. Two runs with the same seed give bitwise-identical losses.
+
+The distributed runs use backend "fp4_aot_eager": the same FP4 pass and the same
+AOTAutograd forward/backward graphs as "fp4", without Inductor's code
+generation, which costs 30-80 s per model on this CPU (and is covered by
+test_backend_inductor.py). What can break under DDP/FSDP2 (finding the weights
+among DDP's split graphs and FSDP2's unsharded parameters, the gradients'
+reduction, quantizing the full rather than the sharded weight) happens before
+Inductor sees the graph.
+
+Why these comparisons are valid:
+- FP4 scales are per row: one per token for activations, one per output
+  channel for weights. Splitting the batch across ranks gives every token the
+  same activation scale, and FSDP2 all-gathers each weight before the forward,
+  so each rank quantizes the full weight. The forward is batch-split invariant,
+  so the losses (computed in the forward, before any gradient reduction) must
+  match to float rounding: rtol 1e-5 (observed: under 3e-7).
+- The gradient all-reduce sums in another order than one process's GEMM, so
+  parameters differ by float rounding, and FP4 rounding is a step function: a
+  float-level difference in a value next to a rounding threshold flips its code
+  (observed in a handful of o_proj/v_proj elements). So the parameters are
+  compared through their update (final - initial), per tensor, in norm: within
+  1e-3 of the single-process update (observed: under 2e-4). A missing or
+  wrong gradient sync (each rank's own gradient, a sum instead of a mean) is
+  off by order 1.
+- Both would pass vacuously if the FP4 runs had silently run in high precision
+  (then every curve would match the float32 one): each worker asserts that
+  fp4compile.reports() quantized exactly the expected layers, and the test checks
+  that the FP4 curve is far (> 100x the tolerance) from the float32 curve.
+
+Known failure, marked xfail: the shipped "paper" recipe is *not* batch-split
+invariant in its backward. Its gradient GEMMs cast dY to E5M2 with one scale per
+tensor, amax / 57344, from the local dY (one rank's half of the batch vs the
+whole batch); that scale is not a power of two, so the rounding grid moves with
+the local amax and the gradients differ by E5M2 rounding (2 mantissa bits), not
+float rounding. The losses agree at step 1 and drift from step 2 (rel 2.6e-4 at
+step 3), and some tensors' updates differ by 80%. "paper-f32grad" (the same
+recipe, dY not cast) shows everything else is invariant; rounding the gradient
+scale to a power of two makes "paper" invariant too (see docs/distributed.md).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fp4compile
+from fp4compile.models.llama import Llama, preset
+
+from . import dist_worker as worker
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+LOSS_RTOL = 1e-5
+UPDATE_RTOL = 1e-3
+FP4_CONFIGS = ["paper-f32grad", pytest.param("paper", marks=pytest.mark.xfail(
+    strict=True,
+    reason="paper recipe: the E5M2 gradient cast's per-tensor scale (amax / 57344, not a power of two) "
+    "comes from each rank's local dY, so gradients differ by E5M2 rounding from one process's",
+))]
+
+
+def _run(cmd, timeout=400):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=WORKER.parents[1])
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
+    return time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Run the one-process references and the 2-rank DDP + FSDP2 job once; the results by config."""
+    out = tmp_path_factory.mktemp("dist")
+    _run([sys.executable, WORKER, "single", "--out", out])
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+          WORKER, "dist", "--out", out])
+    return out
+
+
+def _load(out: Path, config: str, mode: str):
+    single = json.loads((out / config / "single.json").read_text())
+    ranks = [json.loads((out / config / f"dist_rank{r}.json").read_text()) for r in range(2)]
+    params_file = "fsdp_params.pt" if mode == "fsdp2" else "ddp_params_rank0.pt"
+    return single, [r[mode] for r in ranks], torch.load(out / config / "single_params.pt"), torch.load(
+        out / config / params_file
+    )
+
+
+def _check_against_single_process(out: Path, config: str, mode: str):
+    single, ranks, single_params, dist_params = _load(out, config, mode)
+    # Every rank reports the same global loss curve (it is all-reduced).
+    assert ranks[0]["losses"] == ranks[1]["losses"]
+    dist_losses, ref = torch.tensor(ranks[0]["losses"]), torch.tensor(single["losses"])
+
+    # The FP4 runs are quantized (the workers asserted the layers; check the
+    # records too) and the comparison can see that: float32 training is far off.
+    for rank in ranks:
+        assert rank["report"]["quantized"], rank["report"]
+    high_precision = torch.tensor(json.loads((out / "high_precision.json").read_text())["losses"])
+    assert ((ref - high_precision).abs() / ref).max() > 100 * LOSS_RTOL
+    # Training moves the loss by much more than the tolerance.
+    assert (ref[0] - ref[-1]) / ref[0] > 100 * LOSS_RTOL
+
+    torch.testing.assert_close(dist_losses, ref, rtol=LOSS_RTOL, atol=0, msg=lambda m: f"{mode} loss curve\n{m}")
+
+    initial = worker.build_model().state_dict()
+    assert list(dist_params) == list(single_params) == list(initial)
+    for name, final in single_params.items():
+        update, dist_update = final - initial[name], dist_params[name] - initial[name]
+        error = ((dist_update - update).norm() / update.norm()).item()
+        assert error <= UPDATE_RTOL, f"{mode}: {name}'s update differs from one process's by {error:.2e} (relative)"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", FP4_CONFIGS)
+def test_ddp_matches_single_process(runs, config):
+    """DDP + torch.compile(fp4_aot_eager): same loss curve and updates as one process on the whole batch."""
+    _check_against_single_process(runs, config, "ddp")
+    # All ranks hold the same parameters (the gradients were all-reduced).
+    rank0, rank1 = (torch.load(runs / config / f"ddp_params_rank{r}.pt") for r in range(2))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    # DDPOptimizer split the graph at bucket boundaries; the pass found the
+    # weights in every piece (checked in the worker).
+    assert json.loads((runs / config / "dist_rank0.json").read_text())["ddp"]["report"]["graphs"] > 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", FP4_CONFIGS)
+def test_fsdp2_matches_single_process(runs, config):
+    """FSDP2 (fully_shard per block and root) + torch.compile: same curve and updates as one process."""
+    _check_against_single_process(runs, config, "fsdp2")
+    # Each rank quantized the full, all-gathered weights (shapes [out, in]).
+    rank0 = json.loads((runs / config / "dist_rank0.json").read_text())["fsdp2"]
+    block = worker.build_model().layers[0]
+    assert rank0["quantized_weight_shapes"] == {
+        name: list(block.get_parameter(name).shape) for name in worker.BLOCK_LINEARS
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["paper", "paper-f32grad"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_first_step_loss_is_batch_split_invariant(runs, config, mode):
+    """The forward alone (before any gradient): row-wise FP4 gives each rank's tokens the same scales."""
+    single, ranks, _, _ = _load(runs, config, mode)
+    torch.testing.assert_close(ranks[0]["losses"][0], single["losses"][0], rtol=LOSS_RTOL, atol=0)
+
+
+@pytest.mark.slow
+def test_fsdp2_distributed_checkpoint_loads_into_plain_model(runs, tmp_path):
+    """dcp.save of FSDP2's sharded state dict mid-run -> a plain, uncompiled, single-process Llama."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    ckpt = runs / worker.CKPT_CONFIG / "fsdp_dcp"
+    gathered = torch.load(runs / worker.CKPT_CONFIG / "fsdp_full_at_ckpt.pt")
+    assert not dist.is_initialized()  # a plain single process
+
+    torch.manual_seed(123)  # other initial values than the trained model's
+    plain = Llama(preset("tiny"))
+    keys = list(plain.state_dict())
+    # Nothing but the model's parameters is stored: no FSDP or compile wrapper
+    # prefixes (_fsdp_wrapped_module., _orig_mod.), no extra entries.
+    assert sorted(FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata) == sorted(keys)
+    assert list(gathered) == keys
+
+    state = plain.state_dict()
+    assert not all(torch.equal(state[k], gathered[k]) for k in keys)
+    dcp.load(state, checkpoint_id=str(ckpt))  # in place, into the plain tensors
+    plain.load_state_dict(state, strict=True)
+    for name, value in plain.state_dict().items():
+        assert type(value) is torch.Tensor and torch.equal(value, gathered[name]), name
+
+    # The checkpoint was saved mid-run: it is neither the initial nor the final state.
+    final = torch.load(runs / worker.CKPT_CONFIG / "fsdp_params.pt")
+    initial = worker.build_model().state_dict()
+    assert not torch.equal(gathered["lm_head.weight"], final["lm_head.weight"])
+    assert not torch.equal(gathered["lm_head.weight"], initial["lm_head.weight"])
+
+    # Offline conversion to an ordinary torch.save file gives the same tensors.
+    dcp_to_torch_save(str(ckpt), str(tmp_path / "model.pt"))
+    converted = torch.load(tmp_path / "model.pt")
+    assert sorted(converted) == sorted(keys)
+    assert all(torch.equal(converted[k], gathered[k]) for k in keys)
+
+
+def _batch(seed: int, batch: int = 2, seq: int = 16):
+    data = torch.randint(0, 256, (batch, seq + 1), generator=torch.Generator().manual_seed(seed))
+    return data[:, :-1], data[:, 1:]
+
+
+def _loss(model, x, y):
+    return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+
+def _quantized_weights():
+    return sorted(s.weight_name for r in fp4compile.reports() for s in r.quantized)
+
+
+def test_compiled_state_dict_roundtrip(tmp_path):
+    """torch.save of a compiled fp4 model's state_dict <-> a plain Llama, strict, identical tensors.
+
+    `torch.compile(model)` returns a wrapper (OptimizedModule) holding the model
+    as `_orig_mod`, so `compiled.state_dict()` prefixes every key with
+    "_orig_mod.", like any torch.compile'd module. Save `model.state_dict()`
+    (equivalently `compiled._orig_mod.state_dict()`): its keys are the plain
+    model's; load with `model.load_state_dict(...)` (or
+    `compiled._orig_mod.load_state_dict(...)`).
+    """
+    fp4compile.reset()
+    try:
+        plain_keys = list(Llama(preset("tiny")).state_dict())
+        torch.manual_seed(0)
+        model = Llama(preset("tiny"))
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        compiled = torch.compile(model, backend="fp4_eager", options={"recipe": "paper"})
+        x, y = _batch(0)
+        out_initial = compiled(x).detach()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        _loss(compiled, x, y).backward()
+        optimizer.step()
+        assert _quantized_weights() == sorted(worker.MODEL_LINEARS)
+        out_trained = compiled(x).detach()
+        assert not torch.equal(out_trained, out_initial)
+
+        # The compiled wrapper's keys carry the _orig_mod. prefix; the model's do not.
+        assert list(compiled.state_dict()) == ["_orig_mod." + k for k in plain_keys]
+        assert list(compiled._orig_mod.state_dict()) == list(model.state_dict()) == plain_keys
+
+        torch.save(model.state_dict(), tmp_path / "model.pt")
+        saved = torch.load(tmp_path / "model.pt", weights_only=True)
+        # Nothing extra stored: exactly the parameters (the rotary tables and the
+        # causal mask are non-persistent buffers), as plain tensors.
+        assert list(saved) == plain_keys == [n for n, _ in model.named_parameters()]
+        assert all(type(v) is torch.Tensor for v in saved.values())
+
+        # compiled fp4 -> plain, strict.
+        torch.manual_seed(1)
+        plain = Llama(preset("tiny"))
+        plain.load_state_dict(saved, strict=True)
+        trained = model.state_dict()
+        assert all(torch.equal(plain.state_dict()[k], trained[k]) for k in plain_keys)
+
+        # plain -> compiled fp4, strict, both namings. A plain state dict does not
+        # load into the wrapper itself: its keys lack the prefix.
+        with pytest.raises(RuntimeError, match="Missing key"):
+            compiled.load_state_dict(initial, strict=True)
+        compiled._orig_mod.load_state_dict(initial, strict=True)
+        assert all(torch.equal(model.state_dict()[k], initial[k]) for k in plain_keys)
+        # The compiled graph reads the loaded weights (no stale quantized copy):
+        # bit for bit the output it gave before training.
+        assert torch.equal(compiled(x).detach(), out_initial)
+        compiled.load_state_dict({"_orig_mod." + k: v for k, v in plain.state_dict().items()}, strict=True)
+        assert all(torch.equal(model.state_dict()[k], trained[k]) for k in plain_keys)
+        assert torch.equal(compiled(x).detach(), out_trained)
+    finally:
+        fp4compile.reset()
+
+
+def _train_three_steps(seed: int):
+    fp4compile.reset()  # compile from scratch: the compile is part of what must be deterministic
+    torch.manual_seed(seed)
+    model = Llama(preset("tiny"))
+    compiled = torch.compile(model, backend="fp4_aot_eager", options={"recipe": "paper"})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for step in range(3):
+        x, y = _batch(seed + step, batch=4, seq=32)
+        loss = _loss(compiled, x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    assert _quantized_weights() == sorted(worker.MODEL_LINEARS)
+    return torch.stack(losses), {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_same_seed_runs_are_bitwise_identical():
+    """Two 3-step fp4_aot_eager runs with the same seed: identical losses and weights, bit for bit."""
+    try:
+        losses_a, params_a = _train_three_steps(seed=0)
+        losses_b, params_b = _train_three_steps(seed=0)
+    finally:
+        fp4compile.reset()
+    assert losses_a.view(torch.int32).tolist() == losses_b.view(torch.int32).tolist(), (losses_a, losses_b)
+    assert all(torch.equal(params_a[k], params_b[k]) for k in params_a)
+    assert len(set(losses_a.tolist())) == 3  # the steps train: not a constant curve

@@ -1,0 +1,462 @@
+"""Triton kernels against the runtime ops they replace: grid values, scales,
+thresholds, residuals and outlier counts must be identical, bit for bit.
+
+On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1) in a child
+process: the variable must be set before the kernels are defined, and this
+pytest process may already have imported them without it. The child runs every
+check once on fresh random inputs (its seed is in every failure message; set
+FP4COMPILE_TEST_SEED to replay one) and reports each check by name; each test
+below asserts its own. The interpreter is slow, so rows are few and short.
+
+On a CUDA machine the same inputs also run compiled, with float8 outputs, and
+must equal the CPU reference (tests marked cuda).
+"""
+from __future__ import annotations
+
+import os
+
+if __name__ == "__main__":  # the interpreter child: before anything imports triton
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ALPHAS = {0.999: (999, 1000), 0.99: (99, 100), 0.97: (97, 100)}
+# (K, alpha, M, dtype) of the OCC kernel checks: every K with every M and every
+# alpha; the input dtype rotates through float32, bfloat16 and float16 (M >= 16
+# holds the special rows below).
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+OCC_CASES = [
+    (k, alpha, m, _DTYPES[i % 3])
+    for i, (k, m, alpha) in enumerate((k, m, a) for k in (16, 64, 100, 1024) for m in (1, 3, 64) for a in ALPHAS)
+]
+# The float8 output is checked on a few of them (under the interpreter its
+# float8 conversion is not the hardware's; the grid values are the same numbers).
+FP8_OUTPUT_CASES = {(100, 0.99, 64), (1024, 0.97, 3), (16, 0.999, 64)}
+
+
+# ---------------------------------------------------------------------------
+# Inputs.
+# ---------------------------------------------------------------------------
+
+
+def _activations(m: int, k: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Rows of varied magnitude with outlier channels; with m >= 16, also the special rows.
+
+    Special rows: all zero, one NaN, all NaN, +-Inf, more NaNs than the outlier
+    count (the k-th largest is NaN), all negative, all positive, constant (ties
+    in the selection), subnormal, few distinct levels, signed zeros, a row whose
+    outliers are ties, and one with a single huge entry.
+    """
+    row_scale = torch.exp(torch.randn(m, 1, generator=gen) * 2.0)
+    x = torch.randn(m, k, generator=gen) * row_scale
+    outlier_cols = torch.randint(0, k, (max(1, k // 32),), generator=gen)
+    x[:, outlier_cols] *= 1.0 + 60.0 * torch.rand(len(outlier_cols), generator=gen)
+    if m >= 3:
+        x[1, int(torch.randint(0, k, (1,), generator=gen))] = float("nan")
+    if m >= 16:
+        x[0] = 0.0
+        x[2] = float("nan")
+        x[3, :2] = torch.tensor([float("inf"), float("-inf")])
+        x[4, : min(k, 12)] = float("nan")
+        x[5] = -x[5].abs() - 1e-3
+        x[6] = x[6].abs() + 1e-3
+        x[7] = 0.75
+        x[8] = torch.randn(k, generator=gen) * 1e-41  # float32 subnormals
+        x[9] = torch.randint(-3, 4, (k,), generator=gen).float() * 0.5
+        x[10] = torch.where(torch.rand(k, generator=gen) < 0.5, -0.0, 0.0)
+        x[11, : k // 2] = 7.0
+        x[12, 0] = 3e38
+    return x.to(dtype)
+
+
+def _weights(n: int, k: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    w = torch.randn(n, k, generator=gen) * 0.02 * torch.exp(torch.randn(n, 1, generator=gen))
+    if n >= 8:
+        w[0] = 0.0
+        w[1, 0] = float("nan")
+        w[2, 1] = float("inf")
+        w[3] = torch.randn(k, generator=gen) * 1e-42
+    return w.to(dtype)
+
+
+def _grid_tie_row(grid: torch.Tensor, fmax: float, k: int) -> torch.Tensor:
+    """A row with amax == fmax (so the scale is exactly 1) holding every grid value,
+    every midpoint between neighbours (ties) and their float32 neighbours, both signs."""
+    mids = (grid[1:] + grid[:-1]) / 2
+    vals = torch.cat([grid, mids, torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1)])
+    vals = torch.cat([vals, -vals, torch.tensor([fmax])])
+    assert vals.numel() <= k, (vals.numel(), k)
+    row = torch.zeros(k)
+    row[: vals.numel()] = vals
+    return row
+
+
+def _fp8_grid(dtype: torch.dtype) -> torch.Tensor:
+    """Every non-negative finite value of a float8 dtype, sorted."""
+    vals = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).float()
+    vals = vals[torch.isfinite(vals) & (vals >= 0)]
+    return vals.unique().sort().values
+
+
+E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+# ---------------------------------------------------------------------------
+# Comparisons.
+# ---------------------------------------------------------------------------
+
+
+def _assert_identical(name: str, got: torch.Tensor, want: torch.Tensor, *, float8_nan_unreliable=False):
+    """Same shape and dtype-converted values, NaN where NaN; +0 and -0 count as equal."""
+    if got.shape != want.shape:
+        raise AssertionError(f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}")
+    g = got.to(torch.float64) if got.is_floating_point() else got.to(torch.int64)
+    w = want.to(torch.float64) if want.is_floating_point() else want.to(torch.int64)
+    if float8_nan_unreliable:
+        # The interpreter's float8 conversion is not the hardware's (NaN included):
+        # with float8 outputs under it, compare only where the reference is a number.
+        keep = ~torch.isnan(w)
+        g, w = g[keep], w[keep]
+    both_nan = torch.isnan(g) & torch.isnan(w) if g.is_floating_point() else torch.zeros_like(g, dtype=torch.bool)
+    bad = (g != w) & ~both_nan
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {g.numel()} differ; first at {idx}: "
+            f"got {g[bad][:5].tolist()}, want {w[bad][:5].tolist()}"
+        )
+
+
+def _assert_close_ulps(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float):
+    if got.shape != want.shape or got.dtype != want.dtype:
+        raise AssertionError(f"{name}: {got.shape}/{got.dtype} != {want.shape}/{want.dtype}")
+    g, w = got.double(), want.double()
+    both_nan = torch.isnan(g) & torch.isnan(w)
+    bad = ~both_nan & ~((g - w).abs() <= rtol * w.abs()) & (g != w)
+    if bad.any():
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {g.numel()} beyond rtol {rtol}: "
+            f"got {g[bad][:5].tolist()}, want {w[bad][:5].tolist()}"
+        )
+
+
+# ---------------------------------------------------------------------------
+# Checks, each run against the kernels on one device ("cpu" = interpreter).
+# ---------------------------------------------------------------------------
+
+
+def check_occ_quantize_rows(gen, device):
+    from fp4compile.runtime import triton_quant as tq
+
+    fp8_interp = device == "cpu"
+    names = ("values", "scale", "residual", "upper", "lower", "count")
+    for k, alpha, m, dtype in OCC_CASES:
+        x = _activations(m, k, dtype, gen)
+        num, den = ALPHAS[alpha]
+        want = tq.occ_quantize_rows_reference(x, num, den)
+        if device != "cpu":
+            out_dtypes = [torch.float8_e4m3fn]
+        elif (k, alpha, m) in FP8_OUTPUT_CASES:
+            out_dtypes = [torch.float32, torch.float8_e4m3fn]
+        else:
+            out_dtypes = [torch.float32]
+        for values_dtype in out_dtypes:
+            got = tq.occ_quantize_rows(x.to(device), num, den, "e2m1", values_dtype)
+            if got[0].dtype != values_dtype or got[2].dtype != torch.float32 or got[5].dtype != torch.int32:
+                raise AssertionError(f"output dtypes {[t.dtype for t in got]}")
+            for name, g, w in zip(names, got, want):
+                _assert_identical(
+                    f"K={k} alpha={alpha} M={m} {dtype} -> {values_dtype} {name}",
+                    g.cpu(),
+                    w,
+                    float8_nan_unreliable=fp8_interp and name == "values" and values_dtype != torch.float32,
+                )
+
+
+def check_occ_sparse_residual(gen, device):
+    """The sparse residual (values, index) against `_OccClamp`'s: the same entries
+    exactly (compared scattered back to dense, and against the dense residual),
+    the same width 2(k - 1), and the fused quantize-with-sparse-residual variant."""
+    from fp4compile.runtime import triton_quant as tq
+
+    values_dtype = torch.float32 if device == "cpu" else torch.float8_e4m3fn
+    for k, alpha, m, dtype in [(100, 0.97, 64, torch.float32), (1024, 0.99, 3, torch.bfloat16),
+                               (16, 0.97, 16, torch.float16), (64, 0.999, 1, torch.float32)]:
+        x = _activations(m, k, dtype, gen)
+        num, den = ALPHAS[alpha]
+        upper, lower, r_val, r_idx, count, dense = tq.occ_residual_rows_reference(x, num, den)
+        tag = f"K={k} alpha={alpha} M={m} {dtype}"
+        got = tq.occ_residual_rows(x.to(device), num, den)
+        fused = tq.occ_quantize_rows_sparse(x.to(device), num, den, "e2m1", values_dtype)
+        want_q = tq.occ_quantize_rows_reference(x, num, den)
+        for variant, (g_up, g_lo, g_val, g_idx, g_count) in [
+            ("residual", got),
+            ("fused", (fused[4], fused[5], fused[2], fused[3], fused[6])),
+        ]:
+            if g_val.shape != r_val.shape or g_idx.dtype != torch.int64 or g_val.dtype != torch.float32:
+                raise AssertionError(f"{tag} {variant}: {g_val.shape}/{g_idx.dtype} vs {r_val.shape}/int64")
+            _assert_identical(f"{tag} {variant} upper", g_up.cpu(), upper)
+            _assert_identical(f"{tag} {variant} lower", g_lo.cpu(), lower)
+            _assert_identical(f"{tag} {variant} count", g_count.cpu(), count)
+            g_dense = tq.sparse_to_dense(g_val.cpu(), g_idx.cpu(), k)
+            _assert_identical(f"{tag} {variant} residual", g_dense, dense)
+            _assert_identical(f"{tag} {variant} vs topk form", g_dense, tq.sparse_to_dense(r_val, r_idx, k))
+        _assert_identical(f"{tag} fused values", fused[0].cpu(), want_q[0])
+        _assert_identical(f"{tag} fused scale", fused[1].cpu(), want_q[1])
+
+
+def check_occ_quantize_rows_e4m3(gen, device):
+    from fp4compile.runtime import triton_quant as tq
+
+    x = _activations(16, 100, torch.float32, gen)
+    want = tq.occ_quantize_rows_reference(x, 99, 100, fmt="e4m3")
+    got = tq.occ_quantize_rows(x.to(device), 99, 100, "e4m3", torch.float32 if device == "cpu" else torch.float8_e4m3fn)
+    for name, g, w in zip(("values", "scale", "residual", "upper", "lower", "count"), got, want):
+        _assert_identical(f"e4m3 {name}", g.cpu(), w)
+
+
+def check_occ_thresholds_rows(gen, device):
+    from fp4compile.runtime import triton_quant as tq
+
+    for k, alpha, m, dtype in [(100, 0.99, 64, torch.float32), (1024, 0.97, 3, torch.bfloat16), (16, 0.999, 16, torch.float16)]:
+        x = _activations(m, k, dtype, gen)
+        num, den = ALPHAS[alpha]
+        got = tq.occ_thresholds_rows(x.to(device), num, den)
+        want = tq.occ_thresholds_reference(x, num, den)
+        _assert_identical(f"K={k} upper", got[0].cpu(), want[0])
+        _assert_identical(f"K={k} lower", got[1].cpu(), want[1])
+    # A strided row view (rows of a wider tensor) reads only its own elements.
+    wide = _activations(16, 128, torch.float32, gen)
+    got = tq.occ_thresholds_rows(wide.to(device)[:, :100], 99, 100)
+    want = tq.occ_thresholds_reference(wide[:, :100], 99, 100)
+    _assert_identical("strided upper", got[0].cpu(), want[0])
+    _assert_identical("strided lower", got[1].cpu(), want[1])
+
+
+def check_quantize_rows(gen, device):
+    from fp4compile.runtime import triton_quant as tq
+
+    values_dtype = torch.float32 if device == "cpu" else torch.float8_e4m3fn
+    cases = [(1, 16, torch.float32), (3, 100, torch.bfloat16), (64, 1024, torch.float32), (16, 64, torch.float16)]
+    for n, k, dtype in cases:
+        for fmt in ("e2m1", "e4m3"):
+            w = _weights(n, k, dtype, gen)
+            got = tq.quantize_rows(w.to(device), fmt, values_dtype)
+            want = tq.quantize_rows_reference(w, fmt)
+            _assert_identical(f"{n}x{k} {dtype} {fmt} values", got[0].cpu(), want[0])
+            _assert_identical(f"{n}x{k} {dtype} {fmt} scale", got[1].cpu(), want[1])
+    # Every rounding tie of both grids, at scale exactly 1.
+    for fmt, grid, fmax in (("e2m1", E2M1_GRID, 6.0), ("e4m3", _fp8_grid(torch.float8_e4m3fn), 448.0)):
+        row = _grid_tie_row(grid, fmax, 1024)
+        x = torch.stack([row, -row, row * 2.0**-3])  # the last row: a non-unit scale
+        got = tq.quantize_rows(x.to(device), fmt, values_dtype)
+        want = tq.quantize_rows_reference(x, fmt)
+        if not torch.equal(want[1][:2], torch.ones(2, 1)):
+            raise AssertionError("tie rows must have scale 1")
+        _assert_identical(f"{fmt} ties values", got[0].cpu(), want[0])
+        _assert_identical(f"{fmt} ties scale", got[1].cpu(), want[1])
+
+
+def check_dge_backward(gen, device):
+    from fp4compile.runtime import triton_quant as tq
+
+    for n, k, dtype, dge_k, clamp in [
+        (1, 16, torch.float32, 5.0, 3.0),
+        (3, 100, torch.bfloat16, 5.0, 3.0),
+        (64, 1024, torch.float32, 3.0, None),
+        (40, 200, torch.float32, 5.0, 3.0),
+    ]:
+        w = _weights(n, k, dtype, gen)
+        _, scale = tq.quantize_rows_reference(w)
+        if n >= 40:
+            # Grid points, interval midpoints (the capped pole), both signs, and
+            # beyond 6 (saturated: slope 0) under a unit scale set by hand.
+            special = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 2.5, 3.0, 5.0, 6.0, 6.5, -0.25, -5.0, -7.0])
+            w[8, : special.numel()] = special.to(dtype)
+            scale[8] = 1.0
+        grad = torch.randn(n, k, generator=gen)
+        got = tq.dge_backward(w.to(device), scale.to(device), grad.to(device), dge_k, clamp).cpu()
+        want = tq.dge_backward_reference(w, scale, grad, dge_k, clamp)
+        # pow is not correctly rounded on either side: one float32 ulp (or one
+        # ulp of the output dtype, when the product is rounded to it).
+        rtol = 2.5e-7 if dtype == torch.float32 else 2.0**-7
+        _assert_close_ulps(f"DGE {n}x{k} {dtype} k={dge_k} clamp={clamp}", got, want, rtol)
+        _assert_identical("DGE NaN/zero pattern", torch.isnan(got), torch.isnan(want))
+        _assert_identical("DGE zero pattern", got == 0, want == 0)
+
+
+def check_cast_gradient(gen, device):
+    from fp4compile.runtime import triton_quant as tq
+
+    values_dtype = torch.float32 if device == "cpu" else torch.float8_e5m2
+    for r, c in [(1, 16), (3, 100), (64, 1024)]:
+        g = torch.randn(r, c, generator=gen) * torch.exp(torch.randn(r, 1, generator=gen) * 3)
+        g[0, 0] = 1e-12  # lands on the E5M2 subnormal grid
+        if r >= 3:
+            g[1, 1] = float("nan")
+        fold_rows = torch.rand(r, generator=gen) + 0.1
+        fold_cols = torch.rand(c, generator=gen) + 0.1
+        for fold, dim in [(None, 1), (fold_cols, 1), (fold_rows, 0)]:
+            want = tq.cast_gradient_reference(g, fold, dim)
+            got = tq.cast_gradient(g.to(device), None if fold is None else fold.to(device), dim, values_dtype)
+            _assert_identical(f"{r}x{c} fold_dim={dim if fold is not None else None} values", got[0].cpu(), want[0])
+            _assert_identical(f"{r}x{c} scale", got[1].cpu(), want[1])
+        # A transposed view (the weight-gradient GEMM's g.T) comes out contiguous.
+        gb = g.to(torch.bfloat16)
+        want = tq.cast_gradient_reference(gb.t(), fold_rows, 1)
+        got = tq.cast_gradient(gb.to(device).t(), fold_rows.to(device), 1, values_dtype)
+        if not got[0].is_contiguous() or got[0].shape != (c, r):
+            raise AssertionError(f"transposed cast: shape {tuple(got[0].shape)}, contiguous={got[0].is_contiguous()}")
+        _assert_identical(f"{r}x{c} transposed values", got[0].cpu(), want[0])
+        _assert_identical(f"{r}x{c} transposed scale", got[1].cpu(), want[1])
+    # Every E5M2 tie at scale 1, an all-zero gradient (scale 1), an Inf (scale Inf).
+    ties = _grid_tie_row(_fp8_grid(torch.float8_e5m2), 57344.0, 1024).reshape(8, 128)
+    for name, g in [("ties", ties), ("zeros", torch.zeros(4, 32)), ("inf", torch.tensor([[1.0, float("inf")] * 8]))]:
+        want = tq.cast_gradient_reference(g)
+        got = tq.cast_gradient(g.to(device), None, 1, values_dtype)
+        _assert_identical(f"{name} values", got[0].cpu(), want[0])
+        _assert_identical(f"{name} scale", got[1].cpu(), want[1])
+
+
+CHECKS = {
+    "occ_quantize_rows": check_occ_quantize_rows,
+    "occ_sparse_residual": check_occ_sparse_residual,
+    "occ_quantize_rows_e4m3": check_occ_quantize_rows_e4m3,
+    "occ_thresholds_rows": check_occ_thresholds_rows,
+    "quantize_rows": check_quantize_rows,
+    "dge_backward": check_dge_backward,
+    "cast_gradient": check_cast_gradient,
+}
+
+
+def _run_checks(names, device: str, seed: int) -> dict:
+    results = {}
+    for name in names:
+        gen = torch.Generator().manual_seed(seed)
+        try:
+            CHECKS[name](gen, device)
+            results[name] = "ok"
+        except Exception as exc:  # reported to the parent, test by test
+            results[name] = f"{type(exc).__name__}: {exc}"
+    return results
+
+
+# ---------------------------------------------------------------------------
+# Tests.
+# ---------------------------------------------------------------------------
+
+
+def _child_env(interpret: str) -> dict:
+    env = dict(os.environ)
+    env["TRITON_INTERPRET"] = interpret
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    """Every check, once, in an interpreter child process: {name: "ok" or the failure}."""
+    seed = int(os.environ.get("FP4COMPILE_TEST_SEED", random.randrange(2**31)))
+    proc = subprocess.run(
+        [sys.executable, __file__, "--seed", str(seed), *CHECKS],
+        env=_child_env("1"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
+    if proc.returncode != 0 or not lines:
+        pytest.fail(f"interpreter child failed (seed {seed}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return seed, json.loads(lines[-1][len("RESULTS "):])
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_kernel_equals_runtime_ops_under_interpreter(interpreter_results, name):
+    seed, results = interpreter_results
+    assert results[name] == "ok", f"seed {seed}: {results[name]}"
+
+
+def test_launchers_are_custom_ops_and_trace_into_triton_kernels():
+    """Under functionalization (what AOTAutograd hands Inductor) each op becomes
+    its Triton kernel calls; checked in a child without the interpreter, on fake
+    CPU tensors, so no kernel runs."""
+    code = r"""
+import torch
+from torch._subclasses.functional_tensor import dispatch_functionalize
+from torch.fx.experimental.proxy_tensor import make_fx
+from fp4compile.runtime import triton_quant as tq
+
+def f(x, w, g):
+    v, s, r, u, l, c = tq.occ_quantize_rows(x, 99, 100)
+    up, lo = tq.occ_thresholds_rows(x, 99, 100)
+    up2, lo2, rv, ri, cnt = tq.occ_residual_rows(x, 99, 100)
+    v2, s2, rv2, ri2, u2, l2, c2 = tq.occ_quantize_rows_sparse(x, 99, 100)
+    wv, ws = tq.quantize_rows(w)
+    d = tq.dge_backward(w, ws, g)
+    gv, gs = tq.cast_gradient(g.t(), ws, 1)
+    return v, s, r, up, rv, ri, v2, rv2, wv, d, gv, gs
+
+x = torch.randn(8, 64, dtype=torch.bfloat16)
+w = torch.randn(32, 64)
+g = torch.randn(32, 64)
+gm = make_fx(dispatch_functionalize(f), tracing_mode="fake")(x, w, g)
+n = sum(1 for node in gm.graph.nodes if "triton_kernel_wrapper" in str(node.target))
+print("KERNEL_CALLS", n)
+for name in ("occ_quantize_rows", "occ_quantize_rows_sparse", "occ_thresholds_rows", "occ_residual_rows",
+             "quantize_rows", "dge_backward", "cast_gradient"):
+    assert hasattr(torch.ops.fp4compile, name), name
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=_child_env("0"), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "KERNEL_CALLS 8" in proc.stdout, proc.stdout
+
+
+def test_launchers_reject_unsupported_inputs():
+    from fp4compile.runtime import triton_quant as tq
+
+    with pytest.raises(ValueError, match="2-D"):
+        tq.occ_quantize_rows(torch.zeros(2, 3, 16), 99, 100)
+    with pytest.raises(ValueError, match="range"):
+        tq.quantize_rows(torch.zeros(1, tq.MAX_ROW_LENGTH + 1))
+    with pytest.raises(ValueError, match="fmt"):
+        tq.quantize_rows(torch.zeros(2, 16), "e5m2")
+    with pytest.raises(ValueError, match="float32/bfloat16/float16"):
+        tq.occ_thresholds_rows(torch.zeros(2, 16, dtype=torch.float64), 99, 100)
+    assert tq.supports_row_kernel(16384) and not tq.supports_row_kernel(16385)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_kernel_equals_runtime_ops_on_cuda(name):
+    """Compiled kernels on the GPU, float8 outputs, against the CPU reference."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("TRITON_INTERPRET is set: the kernels would not be compiled")
+    seed = int(os.environ.get("FP4COMPILE_TEST_SEED", random.randrange(2**31)))
+    result = _run_checks([name], "cuda", seed)[name]
+    assert result == "ok", f"seed {seed}: {result}"
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Run the kernel checks (under TRITON_INTERPRET=1 on CPU).")
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("checks", nargs="*", default=list(CHECKS))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print("RESULTS " + json.dumps(_run_checks(args.checks, args.device, args.seed)))
