@@ -24,8 +24,9 @@ __all__ = [
 ]
 
 from .backend import register_backends
+from .inspection.inspect import inspect
 from .report import reports, reset
 
-__all__ += ["reports", "reset"]
+__all__ += ["reports", "reset", "inspect"]
 
 register_backends()

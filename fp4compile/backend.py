@@ -9,6 +9,8 @@ numerics difference down, like dynamo's own eager/aot_eager:
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .config import Fp4Config
@@ -22,7 +24,7 @@ class Fp4OptionsError(ValueError):
     """A bad `options=` value; raised before any computation runs."""
 
 
-def _config(options) -> Fp4Config:
+def resolve_config(options) -> Fp4Config:
     if isinstance(options, Fp4Config):
         return options
     if options is not None and not isinstance(options, dict):
@@ -33,7 +35,7 @@ def _config(options) -> Fp4Config:
         raise Fp4OptionsError(str(exc)) from None
 
 
-def _target(config: Fp4Config, example_inputs) -> str:
+def resolve_target(config: Fp4Config, example_inputs) -> str:
     if config.target != "auto":
         return config.target
     for value in example_inputs:
@@ -73,17 +75,18 @@ def prepare(gm, example_inputs, options, backend: str):
     """Validate options, run the passes, record and log the report."""
     from .passes.policy import check_skip_patterns
 
-    config = _config(options)
+    config = resolve_config(options)
     try:
         check_skip_patterns(config, _root_module_names(gm))
     except ValueError as exc:
         raise Fp4OptionsError(str(exc)) from None
     report = GraphReport(graph_id=next_graph_id(), backend=backend, config=config)
-    run_passes(gm, example_inputs, config, _target(config, example_inputs), report)
-    add_report(report)
-    from .inspection.dump import maybe_dump  # optional: FP4COMPILE_DUMP_DIR
+    from .inspection.dump import DUMP_DIR_ENV, graph_module_code, maybe_dump
 
-    maybe_dump(gm, report)
+    before_code = graph_module_code(gm) if os.environ.get(DUMP_DIR_ENV) else None
+    run_passes(gm, example_inputs, config, resolve_target(config, example_inputs), report)
+    add_report(report)
+    maybe_dump(gm, report, before_code)  # writes only when FP4COMPILE_DUMP_DIR is set
     return config
 
 

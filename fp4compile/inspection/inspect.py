@@ -29,8 +29,8 @@ import torch.fx as fx
 # The backend's own option validation and target choice, so that inspect()
 # decides exactly as torch.compile(..., backend="fp4") would.
 from ..backend import Fp4OptionsError
-from ..backend import _config as backend_config
-from ..backend import _target as backend_target
+from ..backend import resolve_config as backend_config
+from ..backend import resolve_target as backend_target
 from ..config import Fp4Config
 from ..passes import run_passes
 from ..passes.policy import check_skip_patterns
