@@ -53,9 +53,10 @@ def _activations(m: int, k: int, dtype: torch.dtype, gen: torch.Generator) -> to
     """Rows of varied magnitude with outlier channels; with m >= 16, also the special rows.
 
     Special rows: all zero, one NaN, all NaN, +-Inf, more NaNs than the outlier
-    count (the k-th largest is NaN), all negative, all positive, constant (ties
-    in the selection), subnormal, few distinct levels, signed zeros, a row whose
-    outliers are ties, and one with a single huge entry.
+    count (the quantile is NaN), all negative, all positive, constant (ties in
+    the selection), subnormal, few distinct levels, signed zeros, a row whose
+    outliers are ties, one with a single huge entry, rows whose quantile
+    interpolates across zero, and one with two +Inf.
     """
     row_scale = torch.exp(torch.randn(m, 1, generator=gen) * 2.0)
     x = torch.randn(m, k, generator=gen) * row_scale
@@ -76,6 +77,12 @@ def _activations(m: int, k: int, dtype: torch.dtype, gen: torch.Generator) -> to
         x[10] = torch.where(torch.rand(k, generator=gen) < 0.5, -0.0, 0.0)
         x[11, : k // 2] = 7.0
         x[12, 0] = 3e38
+        # One value on the other side of zero: the quantile interpolates across zero.
+        x[13] = -x[13].abs() - 1e-3
+        x[13, 1] = 2.0
+        x[14] = x[14].abs() + 1e-3
+        x[14, 2] = -2.0
+        x[15, :2] = float("inf")  # an infinite c-th largest value
     return x.to(dtype)
 
 

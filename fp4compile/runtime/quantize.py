@@ -129,10 +129,25 @@ def fake_quantize(x: torch.Tensor, granularity: str = "row", fmt: str = "e2m1") 
 def quantize_gradient(g: torch.Tensor, fmt: str = "e5m2"):
     """Per-tensor scaled FP8 cast of a gradient: returns `(values, scale)`.
 
-    The tensor's amax maps to the format max (57344 for E5M2), so nothing
-    overflows; E5M2's wide exponent range covers the small entries.
+    The scale is the power of two at or above amax / 57344 (E5M2's max), so
+    nothing overflows, and dividing by it is exact: each element's FP8 code then
+    depends on its own value only (subnormals aside), not on the amax of the
+    tensor it arrived in. A data-parallel rank holding half the batch therefore
+    rounds exactly as one process holding all of it.
     """
     g_hp = g.to(compute_dtype(g.dtype))
-    amax = nan_aware_amax(g_hp)
-    scale = _finish_scale(amax / FORMAT_MAX[fmt], amax)
+    scale = power_of_two_scale(nan_aware_amax(g_hp), FORMAT_MAX[fmt])
     return round_fp8(g_hp / scale, fmt), scale
+
+
+def power_of_two_scale(amax: torch.Tensor, fmax: float) -> torch.Tensor:
+    """Smallest power of two >= amax / fmax (1 for zero amax, Inf for infinite amax).
+
+    frexp gives amax / fmax = m * 2**e with m in [0.5, 1): the answer is 2**e,
+    or 2**(e - 1) when m is exactly 0.5 (already a power of two). Exact, unlike log2.
+    """
+    ratio = amax / fmax
+    mantissa, exponent = torch.frexp(ratio)
+    exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
+    scale = torch.exp2(exponent.to(ratio.dtype))
+    return _finish_scale(scale, amax)

@@ -104,58 +104,95 @@ def supports_row_kernel(k: int) -> bool:
 
 
 @triton.jit
-def _kth_largest_key(key, k, LOW_BITS: tl.constexpr):
-    """Per row of `key` [BLOCK_M, BLOCK_K]: the k-th largest non-negative int32 key (-1 = excluded).
+def _float_key(x, LOW_BITS: tl.constexpr):
+    """An int32 key per float32 that orders like the floats under torch's sort order.
 
-    Bitwise bisection: build the answer from bit 30 down, keeping a bit if at
-    least k keys are >= the prefix with that bit set. Each step is one compare
-    and one row reduction over the rows in registers: no sort, no extra pass
-    over memory. The result is the largest v with count(key >= v) >= k, which
-    is exactly the k-th largest key. Bits below LOW_BITS are zero in every key
-    (bf16 and fp16 inputs converted to float32 leave 16 and 13 zero mantissa
-    bits), so the search stops there: 31 - LOW_BITS steps (15 for bf16, 31 for
-    float32). Returns -1 for rows with fewer than k non-negative keys.
+    Non-negative floats keep their bit pattern (monotonic); a negative float of
+    magnitude bits m maps to -m - 2**LOW_BITS (decreasing in m, below every
+    non-negative key, -0.0 just below +0.0). NaN gets 0x7FC00000, above +Inf, as
+    torch's sort and topk put NaN above every number. Every key is a multiple of
+    2**LOW_BITS when the low LOW_BITS mantissa bits of x are zero.
     """
-    n_candidates = tl.sum((key >= 0).to(tl.int32), axis=1)
-    found = n_candidates * 0
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, -(bits & 0x7FFFFFFF) - (1 << LOW_BITS), bits)
+    return tl.where(x != x, 0x7FC00000, key)
+
+
+@triton.jit
+def _key_to_float(key, LOW_BITS: tl.constexpr):
+    """Inverse of `_float_key` (NaN comes back as the canonical quiet NaN)."""
+    magnitude = -key - (1 << LOW_BITS)
+    # Negative: magnitude bits with the sign bit set, i.e. magnitude - 2**31 in int32.
+    bits = tl.where(key >= 0, key, (magnitude - 2147483647) - 1)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _kth_largest_key(key, k, LOW_BITS: tl.constexpr):
+    """Per row of `key` [BLOCK_M, BLOCK_K]: the k-th largest key (masked lanes hold INT_MIN).
+
+    Bitwise bisection, no sort: the sign of the answer is whether at least k
+    keys are >= 0; then the answer is built from bit 30 down, keeping a bit if
+    at least k keys are >= the prefix with that bit set. Each step is one
+    compare and one row reduction over the rows in registers. The result is the
+    largest v with count(key >= v) >= k, which is exactly the k-th largest key.
+    Bits below LOW_BITS are zero in every key (bf16 and fp16 inputs leave 16
+    and 13 zero mantissa bits in float32), so the search stops there: 31 -
+    LOW_BITS steps (15 for bf16, 31 for float32). Needs 1 <= k <= valid lanes.
+    """
+    n_nonneg = tl.sum((key >= 0).to(tl.int32), axis=1)
+    found = tl.where(n_nonneg >= k, 0, -2147483647 - 1)
     for bit in tl.static_range(30, LOW_BITS - 1, -1):
         trial = found | (1 << bit)
         keep = tl.sum((key >= trial[:, None]).to(tl.int32), axis=1) >= k
         found = tl.where(keep, trial, found)
-    return tl.where(n_candidates >= k, found, -1)
+    return found
 
 
 @triton.jit
-def _occ_row_thresholds(x, mask, K, k, LOW_BITS: tl.constexpr):
-    """Per-row OCC thresholds [BLOCK_M]: (k-th largest clamped at >= 0, k-th smallest clamped at <= 0).
+def _inner_outer_keys(key, c, LOW_BITS: tl.constexpr):
+    """Per row: the (c + 1)-th and the c-th largest key (the c-th is the (c + 1)-th when c = 0).
 
-    Matches `occ_thresholds` (two `topk` calls, then clamp at zero), including
-    torch's NaN order (NaN counts as larger than +Inf):
-
-    - upper: the k-th largest among entries with a clear sign bit, keyed by
-      their float32 bit pattern (monotonic for non-negative floats; NaN gets
-      the canonical quiet NaN 0x7FC00000, above +Inf). Fewer than k such
-      entries means the k-th largest is negative: upper = 0.
-    - lower: the k-th largest magnitude among entries with the sign bit set
-      (their magnitude bits are monotonic too), negated. Fewer than k means
-      lower = 0, unless fewer than k entries are non-NaN: then the k-th
-      smallest is a NaN (NaN sorts last) and so is lower.
+    One selection: at most c keys lie above the (c + 1)-th largest; if exactly
+    c do, the c-th largest is the smallest of them (one min reduction), and if
+    fewer do, the c-th largest ties with the (c + 1)-th.
     """
-    bits = x.to(tl.int32, bitcast=True)
-    is_nan = x != x
-    negative = bits < 0  # sign bit set, -0.0 included
-    pos_key = tl.where(is_nan, 0x7FC00000, tl.where(negative, -1, bits))
-    neg_key = tl.where(is_nan | ~negative, -1, bits & 0x7FFFFFFF)
-    pos_key = tl.where(mask, pos_key, -1)
-    neg_key = tl.where(mask, neg_key, -1)
-    up_key = _kth_largest_key(pos_key, k, LOW_BITS)
-    lo_key = _kth_largest_key(neg_key, k, LOW_BITS)
-    upper = tl.where(up_key >= 0, up_key, 0).to(tl.float32, bitcast=True)
-    # Setting the sign bit: key - 2**31 in int32 (no overflow for key >= 0).
-    lower = tl.where(lo_key >= 0, (lo_key - 2147483647) - 1, 0).to(tl.float32, bitcast=True)
-    n_nan = tl.sum((is_nan & mask).to(tl.int32), axis=1)
-    nan = tl.full([], 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
-    lower = tl.where(K - n_nan < k, nan, lower)
+    inner = _kth_largest_key(key, c + 1, LOW_BITS)
+    above = key > inner[:, None]
+    n_above = tl.sum(above.to(tl.int32), axis=1)
+    min_above = tl.min(tl.where(above, key, 2147483647), axis=1)
+    outer = tl.where((n_above == c) & (c > 0), min_above, inner)
+    return inner, outer
+
+
+@triton.jit
+def _interpolate(inner_key, outer_key, frac_num, frac_den, LOW_BITS: tl.constexpr):
+    """`occ._interpolate`: inner + (outer - inner) * frac_num / frac_den, same rounding order."""
+    inner = _key_to_float(inner_key, LOW_BITS)
+    outer = _key_to_float(outer_key, LOW_BITS)
+    return inner + tl.math.div_rn((outer - inner) * frac_num, frac_den)
+
+
+@triton.jit
+def _occ_row_thresholds(x, mask, c, frac_num, frac_den, LOW_BITS: tl.constexpr):
+    """Per-row OCC thresholds [BLOCK_M]: `occ_thresholds(x, ..., "row")`, bit for bit.
+
+    upper: the alpha quantile (torch.quantile's linear interpolation between the
+    (c + 1)-th and the c-th largest value, in torch's order with NaN above
+    everything), clamped at >= 0; lower: the 1 - alpha quantile between the
+    (c + 1)-th and c-th smallest, the same selection on order-reversed keys,
+    clamped at <= 0. A NaN threshold stays NaN (torch.clamp keeps NaN).
+    """
+    key = _float_key(x, LOW_BITS)
+    up_inner, up_outer = _inner_outer_keys(tl.where(mask, key, -2147483647 - 1), c, LOW_BITS)
+    upper = _interpolate(up_inner, up_outer, frac_num, frac_den, LOW_BITS)
+    # Reversed order with the same key spacing (an involution): the k-th largest
+    # reversed key is the reversed k-th smallest key.
+    down_key = tl.where(mask, -key - (1 << LOW_BITS), -2147483647 - 1)
+    dn_inner, dn_outer = _inner_outer_keys(down_key, c, LOW_BITS)
+    lower = _interpolate(-dn_inner - (1 << LOW_BITS), -dn_outer - (1 << LOW_BITS), frac_num, frac_den, LOW_BITS)
+    upper = tl.where(upper < 0.0, 0.0, upper)
+    lower = tl.where(lower > 0.0, 0.0, lower)
     return upper, lower
 
 
@@ -284,7 +321,7 @@ def _load_rows(x_ptr, M, K, stride_x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constex
 @triton.jit
 def _occ_rows_kernel(x_ptr, values_ptr, scale_ptr, residual_ptr, r_values_ptr, r_index_ptr,
                      upper_ptr, lower_ptr, count_ptr,
-                     M, K, stride_x, k_outliers,
+                     M, K, stride_x, c_outliers, frac_num, frac_den,
                      QUANTIZE: tl.constexpr, DENSE_RESIDUAL: tl.constexpr, SPARSE_RESIDUAL: tl.constexpr,
                      FMT: tl.constexpr, FMAX: tl.constexpr, LOW_BITS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -293,18 +330,19 @@ def _occ_rows_kernel(x_ptr, values_ptr, scale_ptr, residual_ptr, r_values_ptr, r
     Always: per-row thresholds (the selection above) -> upper/lower [M] and the
     number of clamped entries count [M] (int32). Then, as the constexprs ask:
 
-    - SPARSE_RESIDUAL: the residual as (values, index) [M, 2(k - 1)], the form
+    - SPARSE_RESIDUAL: the residual as (values, index) [M, 2c], the form
       `_OccClamp` hands to the compensation. Entries clamped to the upper
-      threshold fill slots [0, k - 1), those clamped to the lower one slots
-      [k - 1, 2(k - 1)), each in column order (an exclusive prefix count gives
-      the slot); unused slots keep the launcher's zeros (value 0, index 0).
-      At most k - 1 entries lie strictly beyond each k-th value, so they fit.
+      threshold fill slots [0, c), those clamped to the lower one slots
+      [c, 2c), each in column order (a prefix count gives the slot); unused
+      slots keep the launcher's zeros (value 0, index 0). Clamped entries lie
+      strictly beyond the quantile, hence beyond the (c + 1)-th value: at most
+      c per side, so they fit.
     - DENSE_RESIDUAL: the residual [M, K] in the output's dtype.
     - QUANTIZE: amax of the clamped row, scale = amax / FMAX [M], and the grid
       values of clamped / scale [M, K] (float8_e4m3fn or float32 store).
     """
     x, rows, cols, row_mask, out_offs, mask = _load_rows(x_ptr, M, K, stride_x, BLOCK_M, BLOCK_K)
-    upper, lower = _occ_row_thresholds(x, mask, K, k_outliers, LOW_BITS)
+    upper, lower = _occ_row_thresholds(x, mask, c_outliers, frac_num, frac_den, LOW_BITS)
     clamped, residual, above, below = _occ_row_split(x, upper[:, None], lower[:, None])
     above = above & mask
     below = below & mask
@@ -313,10 +351,9 @@ def _occ_rows_kernel(x_ptr, values_ptr, scale_ptr, residual_ptr, r_values_ptr, r
     tl.store(lower_ptr + rows, lower, mask=row_mask)
     tl.store(count_ptr + rows, tl.sum(is_clamped.to(tl.int32), axis=1), mask=row_mask)
     if SPARSE_RESIDUAL:
-        j_half = k_outliers - 1
         up_slot = tl.cumsum(above.to(tl.int32), axis=1) - 1
-        lo_slot = j_half + tl.cumsum(below.to(tl.int32), axis=1) - 1
-        slot_offs = rows[:, None] * (2 * j_half) + tl.where(above, up_slot, lo_slot)
+        lo_slot = c_outliers + tl.cumsum(below.to(tl.int32), axis=1) - 1
+        slot_offs = rows[:, None] * (2 * c_outliers) + tl.where(above, up_slot, lo_slot)
         tl.store(r_values_ptr + slot_offs, residual.to(r_values_ptr.dtype.element_ty), mask=is_clamped)
         tl.store(r_index_ptr + slot_offs, cols.to(tl.int64), mask=is_clamped)
     if DENSE_RESIDUAL:
@@ -479,7 +516,10 @@ def _launch_occ(x, alpha_num, alpha_den, *, quantize_fmt=None, values_dtype=None
     """
     M, K = x.shape
     block_m, block_k, num_warps = _row_launch_config(K)
-    k = outliers_per_side(K, alpha_num, alpha_den)
+    c = outliers_per_side(K, alpha_num, alpha_den)
+    # Interpolation weight of the quantile, (alpha * (K - 1)) mod 1 = frac_num /
+    # alpha_den: integers below 2**24, so exact as float32 kernel arguments.
+    frac_num = (alpha_num * (K - 1)) % alpha_den
     dev = x.device
 
     def ptr(name):  # an output, or a stand-in the kernel never touches (its store is compiled out)
@@ -497,15 +537,15 @@ def _launch_occ(x, alpha_num, alpha_den, *, quantize_fmt=None, values_dtype=None
         out["residual"] = torch.empty((M, K), device=dev, dtype=dense_residual_dtype)
     if sparse_residual:
         # Unused slots stay (0.0, index 0): they add nothing to the compensation.
-        out["r_values"] = torch.zeros((M, 2 * (k - 1)), device=dev, dtype=torch.float32)
-        out["r_index"] = torch.zeros((M, 2 * (k - 1)), device=dev, dtype=torch.int64)
+        out["r_values"] = torch.zeros((M, 2 * c), device=dev, dtype=torch.float32)
+        out["r_index"] = torch.zeros((M, 2 * c), device=dev, dtype=torch.int64)
     if M > 0:
         wrap_triton(_occ_rows_kernel)[(triton.cdiv(M, block_m),)](
             x, ptr("values"), ptr("scale"), ptr("residual"), ptr("r_values"), ptr("r_index"),
             out["upper"],
             out["lower"],
             out["count"],
-            M, K, x.stride(0), k,
+            M, K, x.stride(0), c, float(frac_num), float(alpha_den),
             QUANTIZE=quantize_fmt is not None,
             DENSE_RESIDUAL=dense_residual_dtype is not None,
             SPARSE_RESIDUAL=sparse_residual,
@@ -534,7 +574,7 @@ def occ_residual_rows(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row OCC thresholds and sparse residual: (upper, lower, r_values, r_index, count).
 
-    `r_values` [M, 2(k - 1)] float32 and `r_index` [M, 2(k - 1)] int64 hold the
+    `r_values` [M, 2c] float32 and `r_index` [M, 2c] int64 hold the
     same non-zero residual entries as `_OccClamp`'s (values, index), each
     exactly; the order of the entries within a row, and the positions of the
     zero padding, differ (column order here, topk order there). The clamped
