@@ -193,7 +193,7 @@ def check_occ_quantize_rows(gen, device):
 def check_occ_sparse_residual(gen, device):
     """The sparse residual (values, index) against `_OccClamp`'s: the same entries
     exactly (compared scattered back to dense, and against the dense residual),
-    the same width 2(k - 1), and the fused quantize-with-sparse-residual variant."""
+    the same width 2c, and the fused quantize-with-sparse-residual variant."""
     from fp4compile.runtime import triton_quant as tq
 
     values_dtype = torch.float32 if device == "cpu" else torch.float8_e4m3fn
@@ -326,6 +326,14 @@ def check_cast_gradient(gen, device):
             raise AssertionError(f"transposed cast: shape {tuple(got[0].shape)}, contiguous={got[0].is_contiguous()}")
         _assert_identical(f"{r}x{c} transposed values", got[0].cpu(), want[0])
         _assert_identical(f"{r}x{c} transposed scale", got[1].cpu(), want[1])
+    # Power-of-two scales at every edge: exact powers, the next power up, a
+    # subnormal amax / 57344 (power of two or not), one that underflows to 0.
+    for amax in [57344.0, 57344.0 * 3, 1e-3, 1e-30, 57344.0 * 2.0**-140, 57344.0 * 2.0**-130 * 3, 1e-44, 3e38]:
+        g = torch.tensor([[amax, -amax / 3, amax / 7, -amax, 0.0, amax / 1000] * 2], dtype=torch.float32)
+        want = tq.cast_gradient_reference(g)
+        got = tq.cast_gradient(g.to(device), None, 1, values_dtype)
+        _assert_identical(f"amax {amax} scale", got[1].cpu(), want[1])
+        _assert_identical(f"amax {amax} values", got[0].cpu(), want[0])
     # Every E5M2 tie at scale 1, an all-zero gradient (scale 1), an Inf (scale Inf).
     ties = _grid_tie_row(_fp8_grid(torch.float8_e5m2), 57344.0, 1024).reshape(8, 128)
     for name, g in [("ties", ties), ("zeros", torch.zeros(4, 32)), ("inf", torch.tensor([[1.0, float("inf")] * 8]))]:

@@ -41,6 +41,7 @@ __all__ = [
     "GEMM_ALIGNMENT",
     "supports_fp8_gemm",
     "fp8_gemm_applies",
+    "fp8_gradient_applies",
     "to_e4m3",
     "scaled_fp8_gemm",
     "scaled_gradient_gemm",
@@ -78,12 +79,23 @@ def fp8_gemm_applies(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor
     """
     if x_q.dim() != 2 or w_q.dim() != 2 or not (x_q.is_cuda and w_q.is_cuda):
         return False
+    if torch.float64 in (x_q.dtype, w_q.dtype):
+        return False  # float64 models are for exact comparisons: keep the float64 emulation
     (m, k), n = x_q.shape, w_q.shape[0]
     if not (_is_vector_scale(x_scale, m) and _is_vector_scale(w_scale, n)):
         return False
     if k % GEMM_ALIGNMENT or n % GEMM_ALIGNMENT:
         return False
     return supports_fp8_gemm(x_q.device)
+
+
+def fp8_gradient_applies(q: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether `gradient_gemm(g, q, scale, "e5m2")` can run in FP8: q [R, C] grid values
+    (caller's knowledge) on an FP8-capable CUDA device, a row or tensor scale, not
+    float64. Unaligned R or C are handled inside `fp8_gradient_gemm` (float32 path)."""
+    if q.dim() != 2 or not q.is_cuda or q.dtype == torch.float64:
+        return False
+    return _is_vector_scale(scale, q.shape[0]) and supports_fp8_gemm(q.device)
 
 
 def to_e4m3(values: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,11 @@ def _rewrite_one(graph: fx.Graph, site, config) -> tuple:
         else:
             wq, w_q, w_s = _pair(graph, linear_ops._passthrough, (w_out_in,))
         inserted.append(wq)
-        y = graph.call_function(linear_ops.fp4_gemm_op, (x_q, x_s, w_q, w_s, bias, config.grad_fmt, out_dtype))
+        # Both operands on an FP8-representable grid: CUDA may run the GEMMs in FP8.
+        fp8_grid = config.act_fmt is not None and config.weight_fmt is not None
+        y = graph.call_function(
+            linear_ops.fp4_gemm_op, (x_q, x_s, w_q, w_s, bias, config.grad_fmt, out_dtype, fp8_grid)
+        )
         inserted.append(y)
         if residual is not None and config.occ_compensate:
             x_shape = graph.call_function(getattr, (x, "shape"))

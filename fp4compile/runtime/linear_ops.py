@@ -28,17 +28,47 @@ from .occ import occ_split, occ_thresholds
 from .quantize import compute_dtype, quantize
 
 
+def _cuda_occ_rows(x, alpha_num, alpha_den):
+    """Row-scope OCC on CUDA: thresholds and sparse residual from one Triton pass.
+
+    Returns (upper, lower, values, index) shaped like the topk path's, or None
+    when the kernel does not apply (no Triton, float64, rows over 16k).
+    """
+    if not x.is_cuda or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    try:
+        from . import triton_quant
+    except ImportError:
+        return None
+    if not triton_quant.supports_row_kernel(x.shape[-1]):
+        return None
+    lead = x.shape[:-1]
+    upper, lower, values, index, _ = triton_quant.occ_residual_rows(
+        x.reshape(-1, x.shape[-1]).contiguous(), alpha_num, alpha_den
+    )
+    return (upper.reshape(*lead, 1), lower.reshape(*lead, 1),
+            values.reshape(*lead, values.shape[-1]), index.reshape(*lead, index.shape[-1]))
+
+
 class _OccClamp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha_num, alpha_den, scope):
         x_hp = x.to(compute_dtype(x.dtype))
-        upper, lower, index = occ_thresholds(x_hp, alpha_num, alpha_den, scope, with_index=True)
-        clamped, residual = occ_split(x_hp, upper, lower)
-        # The residual leaves as (values, index): at most 2(k - 1) entries per row
-        # (or per tensor) can be non-zero, so the compensation costs in proportion
-        # to the outliers, never a second full-size GEMM.
-        flat = residual if scope == "row" else residual.reshape(-1)
-        values = flat.gather(-1, index)
+        fast = _cuda_occ_rows(x, alpha_num, alpha_den) if scope == "row" else None
+        if fast is not None:
+            # Same thresholds and non-zero residual entries as the topk path,
+            # bit for bit; the clamp itself stays in torch so that Inductor fuses
+            # it into the quantization reading it.
+            upper, lower, values, index = fast
+            clamped, _ = occ_split(x_hp, upper, lower)
+        else:
+            upper, lower, index = occ_thresholds(x_hp, alpha_num, alpha_den, scope, with_index=True)
+            clamped, residual = occ_split(x_hp, upper, lower)
+            # The residual leaves as (values, index): at most 2c entries per row
+            # (or per tensor) can be non-zero, so the compensation costs in proportion
+            # to the outliers, never a second full-size GEMM.
+            flat = residual if scope == "row" else residual.reshape(-1)
+            values = flat.gather(-1, index)
         ctx.in_dtype = x.dtype
         ctx.mark_non_differentiable(values, index)
         return clamped, values, index
@@ -85,14 +115,15 @@ class _QuantizeWeight(torch.autograd.Function):
 
 class _Fp4Gemm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_q, x_scale, w_q, w_scale, bias, grad_fmt, out_dtype):
+    def forward(ctx, x_q, x_scale, w_q, w_scale, bias, grad_fmt, out_dtype, fp8_grid=False):
         lead = x_q.shape[:-1]
         x2 = x_q.reshape(-1, x_q.shape[-1])
         # Row [..., 1] -> [M, 1]; tensor [1, ..., 1] -> [1, 1]; block (full) -> [M, K].
         xs2 = x_scale.reshape(-1, x_scale.shape[-1])
-        y = forward_gemm(x2, xs2, w_q, w_scale, bias, out_dtype)
+        y = forward_gemm(x2, xs2, w_q, w_scale, bias, out_dtype, fp8_grid)
         ctx.save_for_backward(x2, xs2, w_q, w_scale)
         ctx.grad_fmt = grad_fmt
+        ctx.fp8_grid = fp8_grid
         ctx.has_bias = bias is not None
         ctx.x_shape = x_q.shape
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -104,12 +135,12 @@ class _Fp4Gemm(torch.autograd.Function):
         g2 = grad_y.reshape(-1, grad_y.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = gradient_gemm(g2, w_q, w_scale, ctx.grad_fmt).reshape(ctx.x_shape)
+            grad_x = gradient_gemm(g2, w_q, w_scale, ctx.grad_fmt, ctx.fp8_grid).reshape(ctx.x_shape)
         if ctx.needs_input_grad[2]:
-            grad_w = gradient_gemm(g2.t(), x2, xs2, ctx.grad_fmt)
+            grad_w = gradient_gemm(g2.t(), x2, xs2, ctx.grad_fmt, ctx.fp8_grid)
         if ctx.has_bias and ctx.needs_input_grad[4]:
             grad_b = g2.sum(0).to(ctx.bias_dtype)
-        return grad_x, None, grad_w, None, grad_b, None, None
+        return grad_x, None, grad_w, None, grad_b, None, None, None
 
 
 class _Compensate(torch.autograd.Function):
@@ -170,9 +201,13 @@ def quantize_weight_op(w, fmt: str, granularity: str, dge_k: float, dge_clamp):
     return _QuantizeWeight.apply(w, fmt, granularity, dge_k, dge_clamp)
 
 
-def fp4_gemm_op(x_q, x_scale, w_q, w_scale, bias, grad_fmt, out_dtype: torch.dtype):
-    """Quantized GEMM y = x @ w.T + b with FP8 gradient GEMMs in the backward."""
-    return _Fp4Gemm.apply(x_q, x_scale, w_q, w_scale, bias, grad_fmt, out_dtype)
+def fp4_gemm_op(x_q, x_scale, w_q, w_scale, bias, grad_fmt, out_dtype: torch.dtype, fp8_grid: bool = False):
+    """Quantized GEMM y = x @ w.T + b with FP8 gradient GEMMs in the backward.
+
+    `fp8_grid`: both operands are quantized to E2M1/E4M3 (not passed through),
+    so on CUDA all three GEMMs may run on FP8 tensor cores.
+    """
+    return _Fp4Gemm.apply(x_q, x_scale, w_q, w_scale, bias, grad_fmt, out_dtype, fp8_grid)
 
 
 def compensate_op(values, index, x_shape, w_q, w_scale, out_dtype: torch.dtype):
@@ -204,7 +239,8 @@ def quantized_linear(x, w, bias, config):
         w_q, w_s = quantize_weight_op(w, config.weight_fmt, config.weight_granularity, config.dge_k, config.dge_clamp)
     else:
         w_q, w_s = _passthrough(w)
-    y = fp4_gemm_op(x_q, x_s, w_q, w_s, bias, config.grad_fmt, out_dtype)
+    fp8_grid = config.act_fmt is not None and config.weight_fmt is not None
+    y = fp4_gemm_op(x_q, x_s, w_q, w_s, bias, config.grad_fmt, out_dtype, fp8_grid)
     if residual is not None and config.occ_compensate:
         y = y + compensate_op(*residual, x_shape, w_q, w_s, out_dtype)
     return y

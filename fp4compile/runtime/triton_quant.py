@@ -1,13 +1,17 @@
 """Triton kernels for the quantization steps of an FP4 linear layer on CUDA.
 
 The runtime ops (`occ`, `quantize`, `dge`, `gemm`) are plain PyTorch, and
-Inductor fuses most of them well. One step it cannot: the OCC thresholds are a
-per-row k-th largest / k-th smallest, which Inductor leaves to `aten.topk`
-(a separate selection per side, then a gather for the sparse residual). The
-kernels here do the whole activation path of SPEC.md sections 2 and 4 in one
-pass over each row, kept in registers:
+Inductor fuses most of them well. One step it cannot: the OCC thresholds are
+per-row quantiles (torch.quantile's linear interpolation between the (c+1)-th
+and c-th largest value, and the same at the bottom), which the runtime finds
+with `topk` and Inductor leaves to the aten `topk` kernel (one selection per
+side, then a gather for the sparse residual). The kernels here do the whole
+activation path of SPEC.md sections 2 and 4 in one pass over each row, held in
+registers:
 
-    NaN-aware selection of the k-th largest and k-th smallest value
+    selection of the (c+1)-th and c-th largest and smallest values
+    (bitwise bisection on an order-preserving integer key, NaN ordered as torch
+    orders it) -> interpolated, zero-clamped thresholds
     -> exact clamp/residual split (dense, or sparse as (values, index))
     -> row amax -> scale -> E2M1 (or E4M3) grid
 
@@ -49,7 +53,7 @@ from torch.library import triton_op, wrap_triton
 from triton.language.extra import libdevice  # GPU only: the interpreter takes a float64 branch
 
 from .dge import dge_grad_scale
-from .formats import E2M1_MAX, E4M3_MAX, E5M2_MAX
+from .formats import E2M1_MAX, E4M3_MAX
 from .occ import occ_split, occ_thresholds, outliers_per_side
 from .quantize import quantize, quantize_gradient
 
@@ -227,6 +231,34 @@ def _finish_scale(amax, FMAX: tl.constexpr):
     scale = tl.math.div_rn(amax, FMAX)
     tiny = tl.full([], 1, tl.int32).to(tl.float32, bitcast=True)  # smallest subnormal, 2**-149
     scale = tl.where((scale == 0.0) & (amax > 0.0), tiny, scale)
+    scale = tl.where(amax == 0.0, 1.0, scale)
+    is_inf = amax.to(tl.int32, bitcast=True) == 0x7F800000
+    return tl.where(is_inf, amax, scale)
+
+
+@triton.jit
+def _power_of_two_scale(amax, FMAX: tl.constexpr):
+    """`quantize.power_of_two_scale`: the smallest power of two >= amax / FMAX, on the bit pattern.
+
+    ratio = amax / FMAX (IEEE). A normal ratio that is a power of two is its
+    own answer; otherwise the next exponent up (what frexp + exp2 give). A
+    subnormal ratio, mant * 2**-149, rounds up to the next power of two of the
+    integer mant (exactly a float32 power of two, at most 2**-126). A zero
+    ratio (an amax too small to divide) gives 1, as frexp(0) does; then the
+    finishing rules of `_finish_scale`: zero amax -> 1, infinite amax -> Inf.
+    """
+    ratio = tl.math.div_rn(amax, FMAX)
+    bits = ratio.to(tl.int32, bitcast=True)
+    exp_field = bits >> 23
+    mant = bits & 0x7FFFFF
+    normal = tl.where(mant == 0, bits, (exp_field + 1) << 23)
+    # Subnormal: floor(log2(mant)) from the exponent of mant as a float (exact, mant < 2**23).
+    mant_bits = mant.to(tl.float32).to(tl.int32, bitcast=True)
+    log2_floor = (mant_bits >> 23) - 127
+    log2_ceil = tl.where((mant_bits & 0x7FFFFF) == 0, log2_floor, log2_floor + 1)
+    subnormal = tl.full(log2_ceil.shape, 1, tl.int32) << tl.maximum(log2_ceil, 0)
+    scale = tl.where(exp_field == 0, subnormal, normal).to(tl.float32, bitcast=True)
+    scale = tl.where(bits == 0, 1.0, scale)
     scale = tl.where(amax == 0.0, 1.0, scale)
     is_inf = amax.to(tl.int32, bitcast=True) == 0x7F800000
     return tl.where(is_inf, amax, scale)
@@ -445,7 +477,8 @@ def _grad_amax_kernel(g_ptr, fold_ptr, partial_ptr, R, C, stride_r, stride_c,
 @triton.jit
 def _grad_cast_kernel(g_ptr, fold_ptr, amax_ptr, values_ptr, scale_ptr, R, C, stride_r, stride_c,
                       FOLD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Pass 2: scale = amax / 57344, values = E5M2 grid of (g * fold) / scale, written [R, C] contiguous.
+    """Pass 2: scale = the power of two >= amax / 57344, values = E5M2 grid of
+    (g * fold) / scale, written [R, C] contiguous.
 
     Reading g through strides and writing contiguously makes the transpose the
     weight-gradient GEMM needs (g.T as its row-major left operand) part of the cast.
@@ -455,8 +488,9 @@ def _grad_cast_kernel(g_ptr, fold_ptr, amax_ptr, values_ptr, scale_ptr, R, C, st
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     g, mask = _load_folded(g_ptr, fold_ptr, rows, cols, R, C, stride_r, stride_c, FOLD)
-    scale = _finish_scale(tl.load(amax_ptr), 57344.0)
-    # E5M2: 2 mantissa bits, max 57344, smallest normal 2**-14.
+    # E5M2 (formats.E5M2_MAX = 57344): 2 mantissa bits, smallest normal 2**-14.
+    # A power-of-two scale, so the division below is exact.
+    scale = _power_of_two_scale(tl.load(amax_ptr), 57344.0)
     values = _round_fp8_grid(tl.math.div_rn(g, scale), 57344.0, 21, 6.103515625e-05, 128.0)
     out_ptrs = values_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :]
     tl.store(out_ptrs, values.to(values_ptr.dtype.element_ty), mask=mask)
@@ -468,16 +502,16 @@ def _grad_cast_kernel(g_ptr, fold_ptr, amax_ptr, values_ptr, scale_ptr, R, C, st
 # ---------------------------------------------------------------------------
 
 
-def _row_launch_config(k: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_K, num_warps) for rows of length k: whole rows per program.
+def _row_launch_config(row_len: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K, num_warps) for rows of length row_len: whole rows per program.
 
     Short rows are batched (up to 16 per program, about 2048 elements) so that
     small K does not leave most lanes of a program idle. The choice depends on
     K only, never on M, so a dynamic token count does not specialise the graph.
     """
-    if not supports_row_kernel(k):
-        raise ValueError(f"row length K={k} is outside the row kernels' range 1..{MAX_ROW_LENGTH}")
-    block_k = triton.next_power_of_2(k)
+    if not supports_row_kernel(row_len):
+        raise ValueError(f"row length K={row_len} is outside the row kernels' range 1..{MAX_ROW_LENGTH}")
+    block_k = triton.next_power_of_2(row_len)
     block_m = max(1, min(16, 2048 // block_k))
     elements = block_m * block_k
     num_warps = 4 if elements <= 2048 else (8 if elements <= 8192 else 16)
