@@ -4,6 +4,7 @@ Inductor compiles are slow on CPU, so each test compiles at most a couple of tin
 models; the float64 gradient comparison and the generated-code check share one.
 """
 import copy
+import uuid
 
 import pytest
 import torch
@@ -100,6 +101,7 @@ def test_source_hash_is_in_the_cache_key(monkeypatch):
     compile_once()
     hits, misses = compile_once()
     assert hits >= 1 and misses == 0  # unchanged source: served from the cache
-    monkeypatch.setattr(cache_key, "source_hash", lambda: "an edited fp4compile")
+    edited = f"an edited fp4compile {uuid.uuid4()}"  # unique: the disk cache outlives a test run
+    monkeypatch.setattr(cache_key, "source_hash", lambda: edited)
     hits, misses = compile_once()
     assert misses >= 1 and hits == 0  # an edit to the package invalidates it

@@ -31,9 +31,9 @@ Why these comparisons are valid:
   wrong gradient sync (each rank's own gradient, a sum instead of a mean) is
   off by order 1.
 - Both would pass vacuously if the FP4 runs had silently run in high precision
-  (then every curve would match the float32 one): each worker asserts that
+  (then every curve would match the high-precision one): each worker asserts that
   fp4compile.reports() quantized exactly the expected layers, and the test checks
-  that the FP4 curve is far (> 100x the tolerance) from the float32 curve.
+  that the FP4 curve is far (> 100x the tolerance) from the high-precision curve.
 
 The gradient GEMMs cast dY to E5M2 with a per-tensor scale from the local dY
 (one rank's half of the batch). That scale is a power of two, so the E5M2 codes
@@ -101,7 +101,7 @@ def _check_against_single_process(out: Path, config: str, mode: str):
     dist_losses, ref = torch.tensor(ranks[0]["losses"]), torch.tensor(single["losses"])
 
     # The FP4 runs are quantized (the workers asserted the layers; check the
-    # records too) and the comparison can see that: float32 training is far off.
+    # records too) and the comparison can see that: high-precision training is far off.
     for rank in ranks:
         assert rank["report"]["quantized"], rank["report"]
     high_precision = torch.tensor(json.loads((out / "high_precision.json").read_text())["losses"])
@@ -172,7 +172,7 @@ def test_fsdp2_distributed_checkpoint_loads_into_plain_model(runs, tmp_path):
     assert not dist.is_initialized()  # a plain single process
 
     torch.manual_seed(123)  # other initial values than the trained model's
-    plain = Llama(preset("tiny"))
+    plain = Llama(preset("tiny")).double()  # the dtype the distributed run trained in
     keys = list(plain.state_dict())
     # Nothing but the model's parameters is stored: no FSDP or compile wrapper
     # prefixes (_fsdp_wrapped_module., _orig_mod.), no extra entries.
