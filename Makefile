@@ -7,7 +7,7 @@ setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
 
 browser:
-	bash scripts/install_browser.sh
+	PYTHON=$(PYTHON) bash scripts/install_browser.sh
 
 demo: setup
 	$(PYTHON) -m fp4compile demo
