@@ -59,7 +59,9 @@ def run(args) -> int:
               f"{res.tokens_per_s:>8.0f}  {res.wall:>8.1f}")
     gap = (results[args.recipe].final_val_loss / results["bf16"].final_val_loss - 1) * 100
     print(f"\nval-loss gap of {args.recipe} to bf16: {gap:+.2f}%")
-    print(f"\nWhat the fp4 backend did ({args.recipe}):")
+    print(f"\nWhat the fp4 backend did ({args.recipe}), one line per compiled graph:")
     for report in recipe_reports:
-        print(report)
+        print(" ", report.summary())
+    if recipe_reports:  # the graphs of one model share their sites: one table suffices
+        print("\n" + recipe_reports[0].table())
     return 0
