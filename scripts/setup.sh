@@ -21,7 +21,10 @@ else
     $PY -m pip install --quiet "${FP4COMPILE_TORCH:-torch==2.13.0}"
 fi
 
-if ! $PY -c "import fp4compile, hypothesis, pytest" 2>/dev/null || [ "${1:-}" = "--force" ]; then
+# Install unless this very checkout is already the installed fp4compile (-I: not
+# the copy in the current directory, the one an import elsewhere would find).
+installed=$($PY -I -c "import os, fp4compile, hypothesis, pytest; print(os.path.dirname(os.path.dirname(os.path.realpath(fp4compile.__file__))))" 2>/dev/null || true)
+if [ "$installed" != "$(pwd -P)" ] || [ "${1:-}" = "--force" ]; then
     $PY -m pip install --quiet -e ".[dev]"
 fi
 # The entry point must be registered (editable installs can go stale after a move).
