@@ -351,6 +351,17 @@ def _load_rows(x_ptr, M, K, stride_x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constex
 
 
 @triton.jit
+def _quantize_store_rows(x, values_ptr, scale_ptr, rows, row_mask, out_offs, mask,
+                         FMT: tl.constexpr, FMAX: tl.constexpr):
+    """Row absmax scale, grid rounding, and the stores of values and scales."""
+    amax = tl.max(_nan_aware_abs(x, mask), axis=1)
+    scale = _finish_scale(amax, FMAX)
+    values = _round_to_format(tl.math.div_rn(x, scale[:, None]), FMT)
+    tl.store(values_ptr + out_offs, values.to(values_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + rows, scale, mask=row_mask)
+
+
+@triton.jit
 def _occ_rows_kernel(x_ptr, values_ptr, scale_ptr, residual_ptr, r_values_ptr, r_index_ptr,
                      upper_ptr, lower_ptr, count_ptr,
                      M, K, stride_x, c_outliers, frac_num, frac_den,
@@ -391,11 +402,7 @@ def _occ_rows_kernel(x_ptr, values_ptr, scale_ptr, residual_ptr, r_values_ptr, r
     if DENSE_RESIDUAL:
         tl.store(residual_ptr + out_offs, residual.to(residual_ptr.dtype.element_ty), mask=mask)
     if QUANTIZE:
-        amax = tl.max(_nan_aware_abs(clamped, mask), axis=1)
-        scale = _finish_scale(amax, FMAX)
-        values = _round_to_format(tl.math.div_rn(clamped, scale[:, None]), FMT)
-        tl.store(values_ptr + out_offs, values.to(values_ptr.dtype.element_ty), mask=mask)
-        tl.store(scale_ptr + rows, scale, mask=row_mask)
+        _quantize_store_rows(clamped, values_ptr, scale_ptr, rows, row_mask, out_offs, mask, FMT, FMAX)
 
 
 @triton.jit
@@ -403,11 +410,7 @@ def _quantize_rows_kernel(x_ptr, values_ptr, scale_ptr, M, K, stride_x,
                           FMT: tl.constexpr, FMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Row quantization without OCC (weights [out, in]: one scale per output channel)."""
     x, rows, cols, row_mask, out_offs, mask = _load_rows(x_ptr, M, K, stride_x, BLOCK_M, BLOCK_K)
-    amax = tl.max(_nan_aware_abs(x, mask), axis=1)
-    scale = _finish_scale(amax, FMAX)
-    values = _round_to_format(tl.math.div_rn(x, scale[:, None]), FMT)
-    tl.store(values_ptr + out_offs, values.to(values_ptr.dtype.element_ty), mask=mask)
-    tl.store(scale_ptr + rows, scale, mask=row_mask)
+    _quantize_store_rows(x, values_ptr, scale_ptr, rows, row_mask, out_offs, mask, FMT, FMAX)
 
 
 @triton.jit
