@@ -54,8 +54,8 @@ class TrainConfig:
     steps: int = 300
     batch_size: int = 16
     seq_len: int = 128
-    lr: float = 2e-3
-    min_lr: float = 2e-4  # cosine floor: one tenth of the peak, as in LLaMA
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # cosine floor: one tenth of the peak, as in LLaMA
     warmup_steps: int = 30
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; <= 0 measures the norm without clipping

@@ -249,6 +249,16 @@ def test_bench_resume_skips_finished_runs_and_continues_interrupted_ones(tmp_pat
     assert bench_train.run(bench_args(run_dir, "--recipes", "bf16", "--steps", "7", "--resume")) == 2
 
 
+def test_bench_optimizer_options_reach_the_training_config(tmp_path):
+    device = torch.device("cpu")
+    defaults = bench_train.PRESET_TRAINING["tiny"]
+    cfg = bench_train._training_config(bench_args(tmp_path), defaults, 0, device)
+    assert (cfg.grad_clip, cfg.weight_decay) == (1.0, 0.1)
+    args = bench_args(tmp_path, "--grad-clip", "0", "--weight-decay", "0.05", "--lr", "4e-3")
+    cfg = bench_train._training_config(args, defaults, 3, device)
+    assert (cfg.grad_clip, cfg.weight_decay, cfg.lr, cfg.min_lr, cfg.seed) == (0.0, 0.05, 4e-3, 4e-4, 3)
+
+
 def test_bench_rejects_bad_arguments(tmp_path, capsys):
     assert bench_train.run(bench_args(tmp_path, "--recipes", "bf16,fp3")) == 2
     assert "unknown recipe" in capsys.readouterr().err
