@@ -26,7 +26,7 @@ import torch
 
 import fp4compile  # noqa: F401  (registers the backends)
 from fp4compile import bench_train, training
-from fp4compile.data import DEFAULT_MAX_BYTES, load_corpus, split_train_val
+from fp4compile.data import load_corpus, split_train_val
 from fp4compile.models.llama import preset
 
 
@@ -35,14 +35,17 @@ class _StopTraining(Exception):
 
 
 def _train_config(args: argparse.Namespace, eval_every: int, eval_sequences: int) -> training.TrainConfig:
+    defaults = bench_train.PRESET_TRAINING["cpu"]  # the schedule `bench train --preset cpu` uses
     return training.TrainConfig(
-        steps=300, batch_size=16, seq_len=128, lr=args.lr, min_lr=args.lr / 10, warmup_steps=30,
+        steps=defaults.steps, batch_size=defaults.batch_size, seq_len=defaults.seq_len,
+        lr=args.lr, min_lr=args.lr / 10, warmup_steps=defaults.steps // 10,
         eval_every=eval_every, eval_sequences=eval_sequences, seed=args.seed, grad_clip=args.grad_clip,
     )
 
 
 def _splits() -> tuple[torch.Tensor, torch.Tensor]:
-    return split_train_val(load_corpus(None, max_bytes=DEFAULT_MAX_BYTES), bench_train.VAL_FRACTION)
+    max_bytes = bench_train.PRESET_TRAINING["cpu"].max_bytes
+    return split_train_val(load_corpus(None, max_bytes=max_bytes), bench_train.VAL_FRACTION)
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -106,7 +109,7 @@ def run_matrix_lr(args: argparse.Namespace) -> None:
 
     training.make_optimizer = make_optimizer  # train() builds its optimizer through this name
     train_data, val_data = _splits()
-    cfg = _train_config(args, eval_every=300, eval_sequences=256)
+    cfg = _train_config(args, eval_every=10**9, eval_sequences=bench_train.PRESET_TRAINING["cpu"].eval_sequences)
     model = training.build_model(preset("cpu"), args.seed)
     result = training.train(model, model, cfg, train_data, val_data, progress=False)
     print(f"unquantized, peak lr {args.lr:g}, block matrices x{args.factor:g}, seed {args.seed}: "
@@ -128,7 +131,6 @@ def main() -> None:
         p.add_argument("--grad-clip", type=float, default=1.0)
         p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    torch.manual_seed(args.seed)
     (run_early if args.experiment == "early" else run_matrix_lr)(args)
 
 
