@@ -25,9 +25,9 @@ import ast
 import torch
 
 import fp4compile  # noqa: F401  (registers the backends)
-from fp4compile import bench_train, training
-from fp4compile.data import load_corpus, split_train_val
-from fp4compile.models.llama import preset
+from fp4compile.training import bench as bench_train, loop as training
+from fp4compile.training.data import load_corpus, split_train_val
+from fp4compile.training.models.llama import preset
 
 
 class _StopTraining(Exception):

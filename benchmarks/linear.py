@@ -9,7 +9,7 @@ Two tables, Markdown, from one run on one GPU:
    "FP8 GEMM" column says whether the generated code calls `_scaled_mm`
    (otherwise the recipe runs its GEMMs emulated in float32 and the time
    says nothing about FP8 tensor cores).
-2. Each Triton quantization kernel (`runtime.triton_quant`) on the same
+2. Each Triton quantization kernel (`lowering.triton_kernels`) on the same
    shapes: time, achieved bandwidth (bytes it must move / time) and that as a
    fraction of the copy bandwidth (`torch.clone` of a large tensor), measured
    in the same run. The OCC kernels are also set against the topk-based
@@ -152,7 +152,7 @@ def kernel_cases(m, k, n, alpha, device):
     """(name, shape text, callable, bytes it must move) for each quantization kernel."""
     import torch
 
-    from fp4compile.runtime import triton_quant as tq
+    from fp4compile.lowering import triton_kernels as tq
     from fp4compile.runtime.occ import alpha_fraction, outliers_per_side
 
     num, den = alpha_fraction(alpha)

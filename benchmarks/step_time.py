@@ -16,7 +16,7 @@ import time
 import torch
 
 import fp4compile  # noqa: F401  (registers the backend)
-from fp4compile.models.llama import Llama, preset
+from fp4compile.training.models.llama import Llama, preset
 
 
 def make_step(model, backend, options):

@@ -51,7 +51,7 @@ def run_variant(variant: str, args, device: str) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from fp4compile.models.llama import Llama, param_count, preset
+    from fp4compile.training.models.llama import Llama, param_count, preset
 
     config = preset(args.preset)
     if args.seq_len > config.max_seq_len:

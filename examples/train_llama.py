@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import fp4compile  # noqa: F401  (registers backend="fp4")
-from fp4compile.data import BatchSampler, load_corpus, split_train_val, val_batches
-from fp4compile.models import Llama, param_count, preset
+from fp4compile.training.data import BatchSampler, load_corpus, split_train_val, val_batches
+from fp4compile.training.models import Llama, param_count, preset
 
 
 def main() -> None:

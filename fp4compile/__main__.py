@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fp4compile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from . import demo
+    from .training import demo
 
     p = sub.add_parser("demo", help="train a small LLaMA with backend='fp4' next to bf16 (the main job)")
     demo.add_arguments(p)
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_fidelity)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    from . import bench_train
+    from .training import bench as bench_train
 
     p = bench.add_parser("train", help="train every recipe on the same data and seeds; compare losses")
     bench_train.add_arguments(p)

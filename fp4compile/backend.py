@@ -2,14 +2,13 @@
 
     torch.compile(model, backend="fp4", options={"recipe": "paper", ...})
 
-`fp4` runs the passes then AOTAutograd + Inductor. Two debug backends narrow a
-numerics difference down, like dynamo's own eager/aot_eager:
+`fp4` runs the passes, the target's lowering step, then AOTAutograd + Inductor.
+Two debug backends narrow a numerics difference down, like dynamo's own
+eager/aot_eager; both run the semantic graph (no lowering):
   - `fp4_eager`: the passes, then the rewritten graph runs op by op in Python;
-  - `fp4_aot_eager`: the passes plus AOTAutograd, no Inductor.
+  - `fp4_aot_eager`: the passes plus AOTAutograd, no lowering, no Inductor.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -71,8 +70,15 @@ def _root_module_names(gm):
     return [name for m in modules for name, _ in m.named_modules()]
 
 
-def prepare(gm, example_inputs, options, backend: str):
-    """Validate options, run the passes, record and log the report."""
+def prepare(gm, example_inputs, options, backend: str, lower: bool = False):
+    """Validate options, run the passes (and the target's lowering), record and log the report.
+
+    `lower`: run the lowering step (`fp4compile.lowering`) after the passes; only
+    the product backend does, so the debug backends run the semantic graph.
+    """
+    import copy
+
+    from .inspection.dump import dumping, graph_module_code, maybe_dump
     from .passes.policy import check_skip_patterns
 
     config = resolve_config(options)
@@ -81,22 +87,29 @@ def prepare(gm, example_inputs, options, backend: str):
     except ValueError as exc:
         raise Fp4OptionsError(str(exc)) from None
     report = GraphReport(graph_id=next_graph_id(), backend=backend, config=config)
-    from .inspection.dump import DUMP_DIR_ENV, graph_module_code, maybe_dump
+    before_code = graph_module_code(gm) if dumping() else None
+    target = resolve_target(config, example_inputs)
+    run_passes(gm, example_inputs, config, target, report)
+    semantic_gm, lowered_code = gm, None
+    if lower:
+        from .lowering import lower as lower_graph
 
-    before_code = graph_module_code(gm) if os.environ.get(DUMP_DIR_ENV) else None
-    run_passes(gm, example_inputs, config, resolve_target(config, example_inputs), report)
+        if dumping():  # the dump shows the graph both before and after lowering
+            semantic_gm = copy.deepcopy(gm)
+        lower_graph(gm, report, target)
+        lowered_code = graph_module_code(gm) if dumping() else None
     add_report(report)
-    maybe_dump(gm, report, before_code)  # writes only when FP4COMPILE_DUMP_DIR is set
+    maybe_dump(semantic_gm, report, before_code, lowered_code)  # writes only when FP4COMPILE_DUMP_DIR is set
     return config
 
 
 def fp4_backend(gm, example_inputs, options=None, mode=None):
-    """The product backend: passes, then AOTAutograd + Inductor."""
+    """The product backend: passes, the target's lowering, then AOTAutograd + Inductor."""
     from torch._inductor.compile_fx import compile_fx
 
     from .lowering.cache_key import inductor_config_patches
 
-    config = prepare(gm, example_inputs, options, "fp4")
+    config = prepare(gm, example_inputs, options, "fp4", lower=True)
     return compile_fx(gm, example_inputs, config_patches=inductor_config_patches(config))
 
 

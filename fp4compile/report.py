@@ -32,6 +32,10 @@ class MatmulSite:
     # (matmul, activation, weight, bias) graph nodes, for the rewrite pass only.
     fx_nodes: tuple = field(default=(), repr=False, compare=False)
     graph_module: object = field(default=None, repr=False, compare=False)  # graph holding the node
+    # The rewrite's nodes by role ("clamp", "act", "weight", "gemm", "compensate",
+    # "add", "shape"), for the lowering step only.
+    rewritten: dict = field(default_factory=dict, repr=False, compare=False)
+    lowering: str = ""  # how the target runs the site, set by the lowering step
 
     @property
     def in_features(self):

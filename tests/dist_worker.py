@@ -38,7 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fp4compile  # noqa: E402  (registers the fp4 backends)
-from fp4compile.models.llama import Llama, preset  # noqa: E402
+from fp4compile.training.models.llama import Llama, preset  # noqa: E402
 
 STEPS = 4
 GLOBAL_BATCH = 4  # sequences, split evenly across the ranks

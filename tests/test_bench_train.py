@@ -14,9 +14,9 @@ import math
 import pytest
 import torch
 
-from fp4compile import bench_train
-from fp4compile.data import load_corpus, split_train_val
-from fp4compile.models import preset
+from fp4compile.training import bench as bench_train
+from fp4compile.training.data import load_corpus, split_train_val
+from fp4compile.training.models import preset
 from fp4compile.training import TrainConfig, build_model, lr_at, train
 
 TINY = dict(batch_size=4, seq_len=32, eval_sequences=8)

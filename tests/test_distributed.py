@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 import fp4compile
-from fp4compile.models.llama import Llama, preset
+from fp4compile.training.models.llama import Llama, preset
 
 from . import dist_worker as worker
 

@@ -19,7 +19,7 @@ import fp4compile
 from fp4compile.__main__ import main
 from fp4compile.inspection import dump
 from fp4compile.inspection.inspect import inspect
-from fp4compile.models.llama import Llama, preset
+from fp4compile.training.models.llama import Llama, preset
 from fp4compile.runtime.occ import occ_clamp
 from fp4compile.runtime.quantize import fake_quantize
 from fp4compile.runtime.reference import fp4_linear_reference

@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from fp4compile.data import (
+from fp4compile.training.data import (
     BatchSampler,
     default_corpus_files,
     load_corpus,
     split_train_val,
     val_batches,
 )
-from fp4compile.models import PRESETS, Llama, LlamaConfig, param_count, preset
+from fp4compile.training.models import PRESETS, Llama, LlamaConfig, param_count, preset
 from fp4compile.training import build_model
 
 

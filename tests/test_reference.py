@@ -95,8 +95,14 @@ def test_paper_recipe_matches_spec_formulas(shape):
     assert torch.allclose(y.reshape(-1, n), y_expected, rtol=1e-12, atol=1e-12)
     # Input gradient: E5M2 (per-tensor scale) of dY with W's row scale folded in, times W_q.
     assert torch.allclose(gx.reshape(-1, x_shape[-1]), _e5m2(g2 * ws.t()) @ wq, rtol=1e-12, atol=1e-12)
-    # Weight gradient: against the compensated activation, then times DGE.
-    gw_expected = (_e5m2(g2.t() * xs.t()) @ xq + g2.t() @ residual) * dge_grad_scale(w.detach() / ws)
+    # Weight gradient: the E5M2 gradient (activation row scale folded in) times the
+    # compensated activation in the scaled domain, x_q + residual / x_s, then times DGE.
+    # (The residual's term uses the same E5M2 operand as the main term: SPEC.md section 5.)
+    g_e5m2 = _e5m2(g2.t() * xs.t())
+    gw_expected = (g_e5m2 @ xq + g_e5m2 @ (residual / xs)) * dge_grad_scale(w.detach() / ws)
+    # The high-precision gradient on the residual term would differ: the test can tell.
+    gw_other = (g_e5m2 @ xq + g2.t() @ residual) * dge_grad_scale(w.detach() / ws)
+    assert not torch.allclose(gw_other, gw_expected, rtol=1e-12, atol=1e-12)
     assert torch.allclose(gw, gw_expected, rtol=1e-12, atol=1e-12)
     assert torch.allclose(gb, g2.sum(0), rtol=1e-12)
 

@@ -163,7 +163,7 @@ def _assert_close_ulps(name: str, got: torch.Tensor, want: torch.Tensor, rtol: f
 
 
 def check_occ_quantize_rows(gen, device):
-    from fp4compile.runtime import triton_quant as tq
+    from fp4compile.lowering import triton_kernels as tq
 
     fp8_interp = device == "cpu"
     names = ("values", "scale", "residual", "upper", "lower", "count")
@@ -194,7 +194,7 @@ def check_occ_sparse_residual(gen, device):
     """The sparse residual (values, index) against `_OccClamp`'s: the same entries
     exactly (compared scattered back to dense, and against the dense residual),
     the same width 2c, and the fused quantize-with-sparse-residual variant."""
-    from fp4compile.runtime import triton_quant as tq
+    from fp4compile.lowering import triton_kernels as tq
 
     values_dtype = torch.float32 if device == "cpu" else torch.float8_e4m3fn
     for k, alpha, m, dtype in [(100, 0.97, 64, torch.float32), (1024, 0.99, 3, torch.bfloat16),
@@ -223,7 +223,7 @@ def check_occ_sparse_residual(gen, device):
 
 
 def check_occ_quantize_rows_e4m3(gen, device):
-    from fp4compile.runtime import triton_quant as tq
+    from fp4compile.lowering import triton_kernels as tq
 
     x = _activations(16, 100, torch.float32, gen)
     want = tq.occ_quantize_rows_reference(x, 99, 100, fmt="e4m3")
@@ -233,7 +233,7 @@ def check_occ_quantize_rows_e4m3(gen, device):
 
 
 def check_occ_thresholds_rows(gen, device):
-    from fp4compile.runtime import triton_quant as tq
+    from fp4compile.lowering import triton_kernels as tq
 
     for k, alpha, m, dtype in [(100, 0.99, 64, torch.float32), (1024, 0.97, 3, torch.bfloat16), (16, 0.999, 16, torch.float16)]:
         x = _activations(m, k, dtype, gen)
@@ -251,7 +251,7 @@ def check_occ_thresholds_rows(gen, device):
 
 
 def check_quantize_rows(gen, device):
-    from fp4compile.runtime import triton_quant as tq
+    from fp4compile.lowering import triton_kernels as tq
 
     values_dtype = torch.float32 if device == "cpu" else torch.float8_e4m3fn
     cases = [(1, 16, torch.float32), (3, 100, torch.bfloat16), (64, 1024, torch.float32), (16, 64, torch.float16)]
@@ -275,7 +275,7 @@ def check_quantize_rows(gen, device):
 
 
 def check_dge_backward(gen, device):
-    from fp4compile.runtime import triton_quant as tq
+    from fp4compile.lowering import triton_kernels as tq
 
     for n, k, dtype, dge_k, clamp in [
         (1, 16, torch.float32, 5.0, 3.0),
@@ -303,7 +303,7 @@ def check_dge_backward(gen, device):
 
 
 def check_cast_gradient(gen, device):
-    from fp4compile.runtime import triton_quant as tq
+    from fp4compile.lowering import triton_kernels as tq
 
     values_dtype = torch.float32 if device == "cpu" else torch.float8_e5m2
     for r, c in [(1, 16), (3, 100), (64, 1024)]:
@@ -410,7 +410,7 @@ def test_launchers_are_custom_ops_and_trace_into_triton_kernels():
 import torch
 from torch._subclasses.functional_tensor import dispatch_functionalize
 from torch.fx.experimental.proxy_tensor import make_fx
-from fp4compile.runtime import triton_quant as tq
+from fp4compile.lowering import triton_kernels as tq
 
 def f(x, w, g):
     v, s, r, u, l, c = tq.occ_quantize_rows(x, 99, 100)
@@ -440,7 +440,7 @@ for name in ("occ_quantize_rows", "occ_quantize_rows_sparse", "occ_thresholds_ro
 
 
 def test_launchers_reject_unsupported_inputs():
-    from fp4compile.runtime import triton_quant as tq
+    from fp4compile.lowering import triton_kernels as tq
 
     with pytest.raises(ValueError, match="2-D"):
         tq.occ_quantize_rows(torch.zeros(2, 3, 16), 99, 100)

@@ -25,7 +25,7 @@ import torch
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="demo",
                         help="'demo' (the project's LLaMA) or 'module:factory' (factory() -> model or (model, args))")
-    parser.add_argument("--preset", default="cpu", help="demo model preset (fp4compile.models.llama.PRESETS)")
+    parser.add_argument("--preset", default="cpu", help="demo model preset (fp4compile.training.models.llama.PRESETS)")
     parser.add_argument("--checkpoint", default=None,
                         help="demo only: load the model weights of a training checkpoint (fp4compile.training)")
     parser.add_argument("--batch", type=int, default=4, help="demo batch size")
@@ -46,8 +46,8 @@ class ModelSpecError(ValueError):
 
 def demo_model_and_batch(args):
     """The demo LLaMA and one [batch, seq] batch of real bytes from the corpus."""
-    from ..data import load_corpus, val_batches
-    from ..models.llama import Llama, preset
+    from ..training.data import load_corpus, val_batches
+    from ..training.models.llama import Llama, preset
 
     config = preset(args.preset)
     torch.manual_seed(args.seed)

@@ -5,6 +5,9 @@ A dump folder holds one subfolder per graph (`graph_0/`, `graph_1/`, ...):
     before.py    the graph dynamo captured (`GraphModule.code`), when known
     after.py     the same graph after the passes: the inserted clamp / quantize /
                  FP4 GEMM / compensate calls are plain lines of Python
+    lowered.py   the graph after the target's lowering step (the `fp4` backend
+                 only): what Inductor receives, e.g. on CPU one GEMM per product
+                 on the compensated activation
     sites.md     the site table, one row per matmul site, with the decision
     sites.csv    the same, machine-readable (M, K, N in separate columns)
     graph.html   the rewritten graph drawn with the inserted and skipped nodes marked
@@ -27,6 +30,8 @@ from pathlib import Path
 import torch.fx as fx
 
 from ..report import format_table
+from ..lowering import cpu as lowering_cpu
+from ..lowering import cuda as lowering_cuda
 from ..runtime import linear_ops
 
 DUMP_DIR_ENV = "FP4COMPILE_DUMP_DIR"
@@ -39,6 +44,12 @@ INSERTED_KINDS = {
     linear_ops.fp4_gemm_op: "fp4_gemm",
     linear_ops.compensate_op: "compensate",
 }
+# ... and the ops a lowering puts in their place.
+INSERTED_KINDS.update({
+    lowering_cpu.compensated_activation_op: "quantize",
+    lowering_cuda.fp8_gemm_op: "fp4_gemm",
+    lowering_cuda.triton_occ_clamp_op: "occ_clamp",
+})
 
 
 def describe_formats(config) -> str:
@@ -131,14 +142,16 @@ def _markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_graph_dump(folder, after_gm, sites, config, graph_index: int, before_code: str | None = None) -> Path:
-    """Write before.py (if given), after.py, sites.md, sites.csv and graph.html into `folder`."""
+def write_graph_dump(folder, after_gm, sites, config, graph_index: int, before_code: str | None = None,
+                     lowered_code: str | None = None) -> Path:
+    """Write before.py and lowered.py (if given), after.py, sites.md, sites.csv and graph.html into `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if before_code is not None:
-        (folder / "before.py").write_text(before_code, encoding="utf-8")
-    else:
-        (folder / "before.py").unlink(missing_ok=True)  # never leave an older graph's code next to this one
+    for name, code in (("before.py", before_code), ("lowered.py", lowered_code)):
+        if code is not None:
+            (folder / name).write_text(code, encoding="utf-8")
+        else:
+            (folder / name).unlink(missing_ok=True)  # never leave an older graph's code next to this one
     (folder / "after.py").write_text(graph_module_code(after_gm), encoding="utf-8")
 
     rows = [site_row(site, config) for site in sites]
@@ -148,12 +161,12 @@ def write_graph_dump(folder, after_gm, sites, config, graph_index: int, before_c
     with open(folder / "sites.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["graph", "node", "module", "weight_name", "op", "M", "K", "N", "weight_layout",
-                         "weight", "activation", "OCC", "decision", "reason", "inserted"])
+                         "weight", "activation", "OCC", "decision", "reason", "inserted", "lowering"])
         for site, row in zip(sites, rows):
             m, k, n = site.mkn()
             writer.writerow([graph_index, site.node, site.module_path, site.weight_name, site.op, m, k, n,
                              site.weight_layout, row["weight"], row["activation"], row["OCC"], row["decision"],
-                             site.reason, " ".join(site.inserted)])
+                             site.reason, " ".join(site.inserted), site.lowering])
     from .html import write_graph_html  # networkx: imported only when a dump is written
 
     top_level = [site for site in sites if in_graph(site, after_gm)]
@@ -184,17 +197,23 @@ def write_index(root) -> Path:
     return path
 
 
-def maybe_dump(gm, report, before_code: str | None = None) -> None:
+def dumping() -> bool:
+    """Whether $FP4COMPILE_DUMP_DIR asks for a dump of every compiled graph."""
+    return bool(os.environ.get(DUMP_DIR_ENV))
+
+
+def maybe_dump(gm, report, before_code: str | None = None, lowered_code: str | None = None) -> None:
     """Write the dump of one compiled graph into $FP4COMPILE_DUMP_DIR/graph_<id>/, if the variable is set.
 
-    Called by the backend after the passes; `before_code` is the graph's code
-    before them (before.py is skipped when the backend does not pass it).
+    Called by the backend with `gm` as the passes left it; `before_code` is the
+    graph's code before them and `lowered_code` after the lowering step (each
+    file is skipped when the backend does not pass it).
     """
     root = os.environ.get(DUMP_DIR_ENV)
     if not root:
         return
     write_graph_dump(Path(root) / f"graph_{report.graph_id}", gm, report.sites, report.config,
-                     report.graph_id, before_code)
+                     report.graph_id, before_code, lowered_code)
     write_index(root)
 
 

@@ -27,6 +27,7 @@ def _rewrite_one(graph: fx.Graph, site, config) -> tuple:
     x, bias = site_operands(matmul)
     out_dtype = matmul.meta["example_value"].dtype if "example_value" in matmul.meta else torch.float32
     inserted = []
+    roles = {}
     with graph.inserting_before(matmul):
         x_in, residual = x, None
         if config.occ_alpha is not None:
@@ -36,6 +37,7 @@ def _rewrite_one(graph: fx.Graph, site, config) -> tuple:
             )
             residual = (r_values, r_index)
             inserted.append(clamp)
+            roles["clamp"] = clamp
         if config.act_fmt is not None:
             act, x_q, x_s = _pair(
                 graph, linear_ops.quantize_activation_op, (x_in, config.act_fmt, config.act_granularity)
@@ -43,6 +45,7 @@ def _rewrite_one(graph: fx.Graph, site, config) -> tuple:
         else:
             act, x_q, x_s = _pair(graph, linear_ops._passthrough, (x_in,))
         inserted.append(act)
+        roles["act"] = act
         # The quantizers take weights as [out, in]: per-output-channel scales are rows.
         w_out_in = weight if site.weight_layout == "out_in" else graph.call_function(torch.t, (weight,))
         if config.weight_fmt is not None:
@@ -54,22 +57,28 @@ def _rewrite_one(graph: fx.Graph, site, config) -> tuple:
         else:
             wq, w_q, w_s = _pair(graph, linear_ops._passthrough, (w_out_in,))
         inserted.append(wq)
+        roles["weight"] = wq
         # Both operands on an FP8-representable grid: CUDA may run the GEMMs in FP8.
         fp8_grid = config.act_fmt is not None and config.weight_fmt is not None
         y = graph.call_function(
             linear_ops.fp4_gemm_op, (x_q, x_s, w_q, w_s, bias, config.grad_fmt, out_dtype, fp8_grid)
         )
         inserted.append(y)
+        roles["gemm"] = y
         if residual is not None and config.occ_compensate:
             x_shape = graph.call_function(getattr, (x, "shape"))
-            comp = graph.call_function(linear_ops.compensate_op, (*residual, x_shape, w_q, w_s, out_dtype))
+            comp = graph.call_function(
+                linear_ops.compensate_op, (*residual, x_shape, x_s, w_q, w_s, config.grad_fmt, out_dtype)
+            )
             inserted.append(comp)
             y = graph.call_function(operator.add, (y, comp))
+            roles.update(compensate=comp, add=y, shape=x_shape)
     for node in inserted + [y]:
         node.meta["nn_module_stack"] = matmul.meta.get("nn_module_stack", {})
         node.meta["fp4_site"] = site.module_path
     matmul.replace_all_uses_with(y)
     graph.erase_node(matmul)
+    site.rewritten = roles
     return tuple(n.name for n in inserted)
 
 

@@ -23,52 +23,21 @@ from __future__ import annotations
 import torch
 
 from .dge import dge_grad_scale
-from .gemm import forward_gemm, gradient_gemm
+from .gemm import forward_gemm, gradient_gemm, gradient_operand
 from .occ import occ_split, occ_thresholds
 from .quantize import compute_dtype, quantize
-
-
-def _cuda_occ_rows(x, alpha_num, alpha_den):
-    """Row-scope OCC on CUDA: thresholds and sparse residual from one Triton pass.
-
-    Returns (upper, lower, values, index) shaped like the topk path's, or None
-    when the kernel does not apply (no Triton, float64, rows over 16k).
-    """
-    if not x.is_cuda or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return None
-    try:
-        from . import triton_quant
-    except ImportError:
-        return None
-    if not triton_quant.supports_row_kernel(x.shape[-1]):
-        return None
-    lead = x.shape[:-1]
-    upper, lower, values, index, _ = triton_quant.occ_residual_rows(
-        x.reshape(-1, x.shape[-1]).contiguous(), alpha_num, alpha_den
-    )
-    return (upper.reshape(*lead, 1), lower.reshape(*lead, 1),
-            values.reshape(*lead, values.shape[-1]), index.reshape(*lead, index.shape[-1]))
 
 
 class _OccClamp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha_num, alpha_den, scope):
         x_hp = x.to(compute_dtype(x.dtype))
-        fast = _cuda_occ_rows(x, alpha_num, alpha_den) if scope == "row" else None
-        if fast is not None:
-            # Same thresholds and non-zero residual entries as the topk path,
-            # bit for bit; the clamp itself stays in torch so that Inductor fuses
-            # it into the quantization reading it.
-            upper, lower, values, index = fast
-            clamped, _ = occ_split(x_hp, upper, lower)
-        else:
-            upper, lower, index = occ_thresholds(x_hp, alpha_num, alpha_den, scope, with_index=True)
-            clamped, residual = occ_split(x_hp, upper, lower)
-            # The residual leaves as (values, index): at most 2c entries per row
-            # (or per tensor) can be non-zero, so the compensation costs in proportion
-            # to the outliers, never a second full-size GEMM.
-            flat = residual if scope == "row" else residual.reshape(-1)
-            values = flat.gather(-1, index)
+        upper, lower, index = occ_thresholds(x_hp, alpha_num, alpha_den, scope, with_index=True)
+        clamped, residual = occ_split(x_hp, upper, lower)
+        # The residual leaves as (values, index): at most 2c entries per row (or
+        # per tensor) can be non-zero, at the top-k positions of the thresholds.
+        flat = residual if scope == "row" else residual.reshape(-1)
+        values = flat.gather(-1, index)
         ctx.in_dtype = x.dtype
         ctx.mark_non_differentiable(values, index)
         return clamped, values, index
@@ -113,34 +82,46 @@ class _QuantizeWeight(torch.autograd.Function):
         return grad_w.to(ctx.in_dtype), None, None, None, None
 
 
-class _Fp4Gemm(torch.autograd.Function):
-    @staticmethod
+def make_gemm_function(forward_fn, gradient_fn, name: str):
+    """The autograd.Function of a quantized GEMM, given how its three products run.
+
+    `forward_fn(x_q, x_s, w_q, w_s, bias, out_dtype)` and `gradient_fn(g, q, scale,
+    grad_fmt)` follow `gemm.forward_gemm` and `gemm.gradient_gemm`, which define
+    them here. A lowering (e.g. CUDA's FP8 tensor cores) builds its own function
+    from faster products with the same numerics; the autograd plumbing is shared.
+    """
+
     def forward(ctx, x_q, x_scale, w_q, w_scale, bias, grad_fmt, out_dtype, fp8_grid=False):
         lead = x_q.shape[:-1]
         x2 = x_q.reshape(-1, x_q.shape[-1])
         # Row [..., 1] -> [M, 1]; tensor [1, ..., 1] -> [1, 1]; block (full) -> [M, K].
         xs2 = x_scale.reshape(-1, x_scale.shape[-1])
-        y = forward_gemm(x2, xs2, w_q, w_scale, bias, out_dtype, fp8_grid)
+        y = forward_fn(x2, xs2, w_q, w_scale, bias, out_dtype)
         ctx.save_for_backward(x2, xs2, w_q, w_scale)
         ctx.grad_fmt = grad_fmt
-        ctx.fp8_grid = fp8_grid
         ctx.has_bias = bias is not None
         ctx.x_shape = x_q.shape
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y.reshape(*lead, y.shape[-1])
 
-    @staticmethod
     def backward(ctx, grad_y):
         x2, xs2, w_q, w_scale = ctx.saved_tensors
         g2 = grad_y.reshape(-1, grad_y.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = gradient_gemm(g2, w_q, w_scale, ctx.grad_fmt, ctx.fp8_grid).reshape(ctx.x_shape)
+            grad_x = gradient_fn(g2, w_q, w_scale, ctx.grad_fmt).reshape(ctx.x_shape)
         if ctx.needs_input_grad[2]:
-            grad_w = gradient_gemm(g2.t(), x2, xs2, ctx.grad_fmt, ctx.fp8_grid)
+            grad_w = gradient_fn(g2.t(), x2, xs2, ctx.grad_fmt)
         if ctx.has_bias and ctx.needs_input_grad[4]:
             grad_b = g2.sum(0).to(ctx.bias_dtype)
         return grad_x, None, grad_w, None, grad_b, None, None, None
+
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "backward": staticmethod(backward), "__doc__": make_gemm_function.__doc__,
+    })
+
+
+_Fp4Gemm = make_gemm_function(forward_gemm, gradient_gemm, "_Fp4Gemm")
 
 
 class _Compensate(torch.autograd.Function):
@@ -150,10 +131,16 @@ class _Compensate(torch.autograd.Function):
     term is a gather-reduce over J per output (Inductor fuses it into one kernel
     with indirect loads). Tensor scope: the index runs over the flattened
     activation; rows and columns are recovered from it.
+
+    Backward: the residual's share of the weight gradient, against the same
+    E5M2 gradient operand as the main weight-gradient GEMM (`gemm.gradient_operand`,
+    the activation scale folded in), so that GEMM and this term together are
+    `gradient_gemm(g.T, x_q, x_s, residual=r)`: the weight gradient of the
+    compensated activation (SPEC.md section 5).
     """
 
     @staticmethod
-    def forward(ctx, values, index, x_shape, w_q, w_scale, out_dtype):
+    def forward(ctx, values, index, x_shape, x_scale, w_q, w_scale, grad_fmt, out_dtype):
         k_features = x_shape[-1]
         m = 1
         for d in x_shape[:-1]:
@@ -169,20 +156,25 @@ class _Compensate(torch.autograd.Function):
             rows, cols = index // k_features, index % k_features
             y = w_deq_t.new_zeros(m, w_deq_t.shape[1]).index_add(0, rows, values.unsqueeze(-1) * w_deq_t[cols])
             v2 = values
-        ctx.save_for_backward(v2, rows, cols)
+        ctx.save_for_backward(v2, rows, cols, x_scale.reshape(-1, x_scale.shape[-1]))
         ctx.k_features = k_features
+        ctx.grad_fmt = grad_fmt
         return y.to(out_dtype).reshape(*x_shape[:-1], w_deq_t.shape[1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        v2, rows, cols = ctx.saved_tensors
-        g2 = grad_y.reshape(-1, grad_y.shape[-1]).to(v2.dtype)
-        # Weight gradient of the outlier term, g.T @ residual, as a scatter over
-        # the residual's entries: with the GEMM's it is the weight gradient of the
-        # compensated activation.
-        contrib = v2.reshape(-1, 1) * g2[rows.reshape(-1)]
-        grad_w_t = g2.new_zeros(ctx.k_features, g2.shape[1]).index_add(0, cols.reshape(-1), contrib)
-        return None, None, None, grad_w_t.t(), None, None
+        v2, rows, cols, xs2 = ctx.saved_tensors
+        g2 = grad_y.reshape(-1, grad_y.shape[-1])
+        g_op, g_scale, folded = gradient_operand(g2.t(), xs2, ctx.grad_fmt, v2.dtype)  # [N, M]
+        rows_f, cols_f, v_f = rows.reshape(-1), cols.reshape(-1), v2.reshape(-1)
+        if folded:  # the operand is g * x_s (a row or tensor scale): divide the residual by it
+            v_f = v_f / xs2.reshape(-1).expand(g2.shape[0])[rows_f]
+        # Scatter over the residual's entries: grad_w.T[k, :] += v * g_op.T[m, :].
+        contrib = v_f.reshape(-1, 1) * g_op.t()[rows_f]
+        grad_w_t = contrib.new_zeros(ctx.k_features, g2.shape[1]).index_add(0, cols_f, contrib)
+        if g_scale is not None:
+            grad_w_t = grad_w_t * g_scale
+        return None, None, None, None, grad_w_t.t(), None, None, None
 
 
 # Graph node targets: plain functions with readable names for graph dumps.
@@ -204,15 +196,19 @@ def quantize_weight_op(w, fmt: str, granularity: str, dge_k: float, dge_clamp):
 def fp4_gemm_op(x_q, x_scale, w_q, w_scale, bias, grad_fmt, out_dtype: torch.dtype, fp8_grid: bool = False):
     """Quantized GEMM y = x @ w.T + b with FP8 gradient GEMMs in the backward.
 
-    `fp8_grid`: both operands are quantized to E2M1/E4M3 (not passed through),
-    so on CUDA all three GEMMs may run on FP8 tensor cores.
+    `fp8_grid`: both operands are quantized to E2M1/E4M3 (not passed through).
+    The reference ignores it; it tells a lowering that the operands fit FP8
+    tensor cores (`lowering/cuda.py`).
     """
     return _Fp4Gemm.apply(x_q, x_scale, w_q, w_scale, bias, grad_fmt, out_dtype, fp8_grid)
 
 
-def compensate_op(values, index, x_shape, w_q, w_scale, out_dtype: torch.dtype):
-    """OCC compensation term residual @ dequant(w).T from the sparse residual."""
-    return _Compensate.apply(values, index, x_shape, w_q, w_scale, out_dtype)
+def compensate_op(values, index, x_shape, x_scale, w_q, w_scale, grad_fmt, out_dtype: torch.dtype):
+    """OCC compensation term residual @ dequant(w).T from the sparse residual.
+
+    `x_scale` and `grad_fmt` define its weight gradient (see `_Compensate`).
+    """
+    return _Compensate.apply(values, index, x_shape, x_scale, w_q, w_scale, grad_fmt, out_dtype)
 
 
 def passthrough_op(x):
@@ -242,7 +238,7 @@ def quantized_linear(x, w, bias, config):
     fp8_grid = config.act_fmt is not None and config.weight_fmt is not None
     y = fp4_gemm_op(x_q, x_s, w_q, w_s, bias, config.grad_fmt, out_dtype, fp8_grid)
     if residual is not None and config.occ_compensate:
-        y = y + compensate_op(*residual, x_shape, w_q, w_s, out_dtype)
+        y = y + compensate_op(*residual, x_shape, x_s, w_q, w_s, config.grad_fmt, out_dtype)
     return y
 
 

@@ -55,10 +55,9 @@ class Fp4LinearReference(torch.autograd.Function):
         g = grad_y.reshape(-1, grad_y.shape[-1])
         # Input gradient: STE through the activation quantizer and the clamp.
         grad_x = gradient_gemm(g, w_q, w_s, config.grad_fmt).reshape(x_shape).to(x_dtype)
-        # Weight gradient against the compensated activation (x_q * x_s + residual).
-        grad_w = gradient_gemm(g.t(), x_q, x_s, config.grad_fmt)
-        if residual is not None:
-            grad_w = grad_w + g.t().to(residual.dtype) @ residual
+        # Weight gradient against the compensated activation (x_q * x_s + residual),
+        # the E5M2 gradient operand shared by both terms (SPEC.md section 5).
+        grad_w = gradient_gemm(g.t(), x_q, x_s, config.grad_fmt, residual=residual)
         if config.dge_clamp is not None:
             grad_w = grad_w * dge_grad_scale(w.to(w_s.dtype) / w_s, k=config.dge_k, clamp=config.dge_clamp)
         grad_b = g.sum(0).to(b_dtype) if b_dtype is not None else None

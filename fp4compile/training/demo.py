@@ -14,7 +14,7 @@ import torch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="cpu", help="model preset (fp4compile.models.llama.PRESETS)")
+    parser.add_argument("--preset", default="cpu", help="model preset (fp4compile.training.models.llama.PRESETS)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     import fp4compile
-    from fp4compile.data import load_corpus, split_train_val
-    from fp4compile.models.llama import param_count, preset
+    from fp4compile.training.data import load_corpus, split_train_val
+    from fp4compile.training.models.llama import param_count, preset
     from fp4compile.training import TrainConfig, build_model, train
 
     torch.set_float32_matmul_precision("high")

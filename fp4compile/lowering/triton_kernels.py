@@ -52,10 +52,10 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 from triton.language.extra import libdevice  # GPU only: the interpreter takes a float64 branch
 
-from .dge import dge_grad_scale
-from .formats import E2M1_MAX, E4M3_MAX
-from .occ import occ_split, occ_thresholds, outliers_per_side
-from .quantize import quantize, quantize_gradient
+from ..runtime.dge import dge_grad_scale
+from ..runtime.formats import E2M1_MAX, E4M3_MAX
+from ..runtime.occ import occ_split, occ_thresholds, outliers_per_side
+from ..runtime.quantize import quantize, quantize_gradient
 
 __all__ = [
     "MAX_ROW_LENGTH",

@@ -38,8 +38,8 @@ from pathlib import Path
 
 import torch
 
-from fp4compile.data import DEFAULT_MAX_BYTES, load_corpus, split_train_val, val_batches
-from fp4compile.models.llama import PRESETS, Llama, param_count, preset
+from fp4compile.training.data import DEFAULT_MAX_BYTES, load_corpus, split_train_val, val_batches
+from fp4compile.training.models.llama import PRESETS, Llama, param_count, preset
 from fp4compile.training import StepRecord, TrainConfig, build_model, train
 
 __all__ = [
@@ -671,7 +671,7 @@ def plot_loss_curves(outcomes: list[RunOutcome], recipes: list[str], path: Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point: ``python -m fp4compile.bench_train [options]``."""
+    """Stand-alone entry point: ``python -m fp4compile.training.bench [options]``."""
     parser = argparse.ArgumentParser(
         prog="fp4compile bench train", description="Train one model under every recipe and compare losses."
     )

@@ -2,11 +2,11 @@
 
 The benchmarks and examples need a model whose linear layers carry nearly all
 of the compute, shaped like the LLaMA models the FP4 training method was
-measured on; :mod:`fp4compile.models.llama` provides it, at sizes from unit-test
+measured on; :mod:`fp4compile.training.models.llama` provides it, at sizes from unit-test
 tiny to about a billion parameters.
 """
 
-from fp4compile.models.llama import (
+from fp4compile.training.models.llama import (
     PRESETS,
     Block,
     Llama,

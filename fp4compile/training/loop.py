@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from fp4compile.data import BatchSampler, val_batches
-from fp4compile.models.llama import Llama, LlamaConfig
+from fp4compile.training.data import BatchSampler, val_batches
+from fp4compile.training.models.llama import Llama, LlamaConfig
 
 __all__ = [
     "TrainConfig",
@@ -120,7 +120,7 @@ class TrainResult:
 
 
 def build_model(config: LlamaConfig, seed: int, device: torch.device | str = "cpu") -> Llama:
-    """A :class:`~fp4compile.models.llama.Llama` initialized from ``torch.manual_seed(seed)``.
+    """A :class:`~fp4compile.training.models.llama.Llama` initialized from ``torch.manual_seed(seed)``.
 
     Initialization runs on the CPU and is then moved, so a seed gives the same
     weights on every device and for every recipe.

@@ -1,0 +1,116 @@
+"""CPU lowering: one GEMM per product, on the compensated activation.
+
+On a CPU every GEMM of a quantized layer already runs in float32 on grid values
+(`runtime.gemm`), so the OCC compensation needs no GEMM, gather or scatter of
+its own. With row (or tensor) activation scales x_s and the residual r:
+
+    y  = (x_q @ w_q.T) * x_s * w_s  +  r @ (w_q * w_s).T
+       = ((x_q + r / x_s) @ w_q.T) * x_s * w_s
+    dW = E5M2(dY.T * x_s.T) @ x_q  +  E5M2(dY.T * x_s.T) @ (r / x_s)      (then DGE)
+       = E5M2(dY.T * x_s.T) @ (x_q + r / x_s)
+
+so one tensor, `x_comp = x_q + r / x_s` (the compensated activation in the
+scaled domain), feeds the unchanged `fp4_gemm_op` for the forward and the weight
+gradient; the input gradient is unchanged. Block scales (along K) merge the same
+way on the dequantized values, `x_q * x_s + r`, with a unit scale. The residual
+is the dense `x - x_c`, which Inductor computes inside the kernel that clamps
+and quantizes, so no index tensor is ever built.
+
+The merge reorders float32 sums and rounds `r / x_s` once: the lowered graph
+matches the semantic one (`fp4_aot_eager`) to float32 rounding, and exactly in
+real arithmetic. One limit of the scaled domain: `r / x_s` overflows when a
+row's clamped values lie some 38 decades below its outlier (x_s near float32's
+smallest normal), where an FP4 code could not hold them anyway.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from ..runtime import linear_ops
+from ..runtime.gemm import is_vector_scale
+from ..runtime.occ import occ_split, occ_thresholds
+from ..runtime.quantize import compute_dtype, quantize
+
+LOWERING_NAME = "cpu: one GEMM per product on the compensated activation"
+
+
+class _CompensatedActivation(torch.autograd.Function):
+    """OCC clamp, quantize and add back the residual: the operand both GEMMs take."""
+
+    @staticmethod
+    def forward(ctx, x, alpha_num, alpha_den, scope, fmt, granularity):
+        x_hp = x.to(compute_dtype(x.dtype))
+        upper, lower = occ_thresholds(x_hp, alpha_num, alpha_den, scope)
+        clamped, residual = occ_split(x_hp, upper, lower)
+        x_q, x_s = quantize(clamped, granularity=granularity, fmt=fmt)
+        if is_vector_scale(x_s):
+            x_comp = x_q + residual / x_s
+        else:  # block scales lie along K: merge on the dequantized values, unit scale
+            x_comp = x_q * x_s + residual
+            x_s = torch.ones([1] * x_comp.dim(), dtype=x_comp.dtype, device=x_comp.device)
+        ctx.in_dtype = x.dtype
+        ctx.mark_non_differentiable(x_s)
+        return x_comp, x_s
+
+    @staticmethod
+    def backward(ctx, grad_comp, grad_scale):
+        # Straight through, as the semantic clamp and quantize ops are: the
+        # compensation restores x exactly, so the layer is the identity in x.
+        return grad_comp.to(ctx.in_dtype), None, None, None, None, None
+
+
+def compensated_activation_op(x, alpha_num: int, alpha_den: int, scope: str, fmt: str, granularity: str):
+    """(x_comp, x_s): the OCC-clamped, quantized activation with its residual added back."""
+    return _CompensatedActivation.apply(x, alpha_num, alpha_den, scope, fmt, granularity)
+
+
+def _getitems(node: fx.Node) -> dict:
+    return {user.args[1]: user for user in node.users if user.target is operator.getitem}
+
+
+def _erase(graph: fx.Graph, nodes) -> None:
+    """Erase nodes that no longer have users, consumers before producers."""
+    pending = [n for n in nodes if n is not None]
+    while pending:
+        progress = False
+        for node in list(pending):
+            if not node.users:
+                graph.erase_node(node)
+                pending.remove(node)
+                progress = True
+        if not progress:
+            raise RuntimeError(f"CPU lowering left nodes in use: {[n.name for n in pending]}")
+
+
+def _merge_compensation(graph: fx.Graph, roles: dict) -> None:
+    clamp, act, gemm, comp, add = (roles[k] for k in ("clamp", "act", "gemm", "compensate", "add"))
+    x, alpha_num, alpha_den, scope = clamp.args
+    _, fmt, granularity = act.args
+    with graph.inserting_before(act):
+        fused = graph.call_function(
+            compensated_activation_op, (x, alpha_num, alpha_den, scope, fmt, granularity)
+        )
+        x_comp = graph.call_function(operator.getitem, (fused, 0))
+        x_s = graph.call_function(operator.getitem, (fused, 1))
+    for node in (fused, x_comp, x_s):
+        node.meta.update({k: act.meta[k] for k in ("nn_module_stack", "fp4_site") if k in act.meta})
+    # The GEMM keeps its weight, bias and gradient format; its activation is now
+    # off the FP8 grid (grid values plus residual), so `fp8_grid` goes False.
+    _, _, w_q, w_s, bias, grad_fmt, out_dtype, _ = gemm.args
+    gemm.args = (x_comp, x_s, w_q, w_s, bias, grad_fmt, out_dtype, False)
+    add.replace_all_uses_with(gemm)
+    _erase(graph, [add, comp, roles.get("shape"), *_getitems(act).values(), act, *_getitems(clamp).values(), clamp])
+    roles.update(fused=fused, clamp=None, act=None, compensate=None, add=None, shape=None)
+
+
+def lower_site(graph: fx.Graph, site, config) -> None:
+    """Lower one rewritten site for the CPU."""
+    roles = site.rewritten
+    if roles.get("compensate") is not None:
+        _merge_compensation(graph, roles)
+        site.lowering = LOWERING_NAME
+    else:
+        site.lowering = "cpu: float32 GEMMs on grid values"

@@ -1,0 +1,113 @@
+"""CUDA lowering: the semantic GEMM on FP8 tensor cores, OCC thresholds from Triton.
+
+The rewritten graph's `fp4_gemm_op` multiplies grid values in float32 (the
+reference). On a GPU with FP8 tensor cores this lowering swaps it for the same
+autograd rule built on `cuda_gemm`'s `torch._scaled_mm` products, where both
+operands sit on an FP8 grid (`fp8_grid`) with vector scales; the products fall
+back to the reference per call where `_scaled_mm` does not apply (float64, an
+unaligned token count in the weight gradient). The row-scope OCC clamp takes its
+thresholds and sparse residual from one Triton pass (`triton_kernels`) instead
+of two aten top-k calls and a gather.
+
+The compensation stays the semantic sparse op here; making it a GEMM over
+outlier channels is the CUDA design's next step.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..runtime import gemm as reference_gemm
+from ..runtime import linear_ops
+from ..runtime.occ import occ_split, occ_thresholds
+from ..runtime.quantize import compute_dtype
+from . import cuda_gemm
+
+
+def _forward_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype):
+    if cuda_gemm.fp8_gemm_applies(x_q, x_scale, w_q, w_scale):
+        return cuda_gemm.fp8_forward_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    return reference_gemm.forward_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+
+
+def _gradient_gemm(g, q, scale, grad_fmt):
+    if grad_fmt == "e5m2" and cuda_gemm.fp8_gradient_applies(q, scale):
+        return cuda_gemm.fp8_gradient_gemm(g, q, scale, grad_fmt, out_dtype=q.dtype)
+    return reference_gemm.gradient_gemm(g, q, scale, grad_fmt)
+
+
+_Fp8Gemm = linear_ops.make_gemm_function(_forward_gemm, _gradient_gemm, "_Fp8Gemm")
+
+
+def fp8_gemm_op(x_q, x_scale, w_q, w_scale, bias, grad_fmt, out_dtype: torch.dtype, fp8_grid: bool = True):
+    """`fp4_gemm_op` with its three products on FP8 tensor cores (`torch._scaled_mm`)."""
+    return _Fp8Gemm.apply(x_q, x_scale, w_q, w_scale, bias, grad_fmt, out_dtype, fp8_grid)
+
+
+def _triton_occ_rows(x, alpha_num, alpha_den):
+    """Row-scope thresholds and sparse residual from one Triton pass, or None.
+
+    None when the kernel does not apply (no Triton, float64, rows over 16k).
+    """
+    if not x.is_cuda or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    try:
+        from . import triton_kernels
+    except ImportError:
+        return None
+    if not triton_kernels.supports_row_kernel(x.shape[-1]):
+        return None
+    lead = x.shape[:-1]
+    upper, lower, values, index, _ = triton_kernels.occ_residual_rows(
+        x.reshape(-1, x.shape[-1]).contiguous(), alpha_num, alpha_den
+    )
+    return (upper.reshape(*lead, 1), lower.reshape(*lead, 1),
+            values.reshape(*lead, values.shape[-1]), index.reshape(*lead, index.shape[-1]))
+
+
+class _TritonOccClamp(torch.autograd.Function):
+    """`occ_clamp_op` with the thresholds and residual from the Triton row kernel."""
+
+    @staticmethod
+    def forward(ctx, x, alpha_num, alpha_den, scope):
+        x_hp = x.to(compute_dtype(x.dtype))
+        fast = _triton_occ_rows(x, alpha_num, alpha_den) if scope == "row" else None
+        if fast is not None:
+            # Same thresholds and non-zero residual entries as the top-k path, bit
+            # for bit; the clamp stays in torch so Inductor fuses it into the
+            # quantization reading it.
+            upper, lower, values, index = fast
+            clamped, _ = occ_split(x_hp, upper, lower)
+        else:
+            upper, lower, index = occ_thresholds(x_hp, alpha_num, alpha_den, scope, with_index=True)
+            clamped, residual = occ_split(x_hp, upper, lower)
+            flat = residual if scope == "row" else residual.reshape(-1)
+            values = flat.gather(-1, index)
+        ctx.in_dtype = x.dtype
+        ctx.mark_non_differentiable(values, index)
+        return clamped, values, index
+
+    @staticmethod
+    def backward(ctx, grad_clamped, grad_values, grad_index):
+        return grad_clamped.to(ctx.in_dtype), None, None, None
+
+
+def triton_occ_clamp_op(x, alpha_num: int, alpha_den: int, scope: str):
+    """`occ_clamp_op` whose row thresholds come from one Triton pass."""
+    return _TritonOccClamp.apply(x, alpha_num, alpha_den, scope)
+
+
+def lower_site(graph: fx.Graph, site, config) -> None:
+    """Lower one rewritten site for CUDA."""
+    roles = site.rewritten
+    gemm = roles["gemm"]
+    parts = []
+    if gemm.args[7] and cuda_gemm.supports_fp8_gemm():
+        gemm.target = fp8_gemm_op
+        parts.append("FP8 tensor-core GEMMs")
+    else:
+        parts.append("float32 GEMMs on grid values (no FP8 tensor cores here)")
+    if roles.get("clamp") is not None:
+        roles["clamp"].target = triton_occ_clamp_op
+        parts.append("Triton OCC thresholds")
+    site.lowering = "cuda: " + ", ".join(parts)
