@@ -1,22 +1,30 @@
-"""Training-step time of the demo model on CPU: backend="fp4" against backend="inductor".
+"""Training-step time on CPU: backend="fp4" recipes against backend="inductor", side by side.
 
-Both models are compiled from the same weights; their steps are timed interleaved
-(fp4, inductor, fp4, ...) so machine noise hits both alike, and the ratio of the
-medians is reported. `--profile` prints the top ops of one fp4 step.
+Every model is compiled from the same weights; steps are timed interleaved
+(inductor, fp4 recipe 1, fp4 recipe 2, inductor, ...) so machine noise hits all
+alike, and ratios of medians are reported. The first step of each (compile
+included, from whatever Inductor cache the machine holds; pass --cold to point
+Inductor at a fresh cache folder) is reported as the compile time.
 
-    python benchmarks/step_time.py --preset cpu --batch 8 --seq 128
+    python benchmarks/step_time.py                                  # demo model (cpu preset)
+    python benchmarks/step_time.py --dim 384 --ffn 1536 --layers 4  # a wider model
+    python benchmarks/step_time.py --small                          # smoke run (tiny preset)
+
+`--json PATH` writes the table as JSON (benchmarks/results/ holds committed runs);
+`--profile` prints the top ops of three steps of the first fp4 recipe.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import platform
 import statistics
+import tempfile
 import time
 
 import torch
-
-import fp4compile  # noqa: F401  (registers the backend)
-from fp4compile.training.models.llama import Llama, preset
 
 
 def make_step(model, backend, options):
@@ -34,33 +42,57 @@ def make_step(model, backend, options):
     return step
 
 
+def model_config(args):
+    from fp4compile.training.models.llama import preset
+
+    cfg = preset(args.preset)
+    overrides = {k: v for k, v in (("dim", args.dim), ("ffn_dim", args.ffn), ("n_layers", args.layers)) if v}
+    return dataclasses.replace(cfg, **overrides)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--dim", type=int, default=None, help="override the preset's hidden size")
+    parser.add_argument("--ffn", type=int, default=None, help="override the preset's MLP size")
+    parser.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--recipe", default="paper")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--recipes", default="paper,fp4-direct", help="comma-separated fp4 recipes")
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cold", action="store_true", help="compile into a fresh, empty Inductor cache")
+    parser.add_argument("--small", action="store_true", help="smoke run: tiny preset, 2 steps")
+    parser.add_argument("--json", default=None, help="write the results here as JSON")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args(argv)
+    if args.small:
+        args.preset, args.batch, args.seq, args.warmup, args.steps = "tiny", 2, 32, 1, 2
+    if args.cold:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fp4compile-inductor-")
 
-    cfg = preset(args.preset)
+    import fp4compile  # noqa: F401  (registers the backend)
+    from fp4compile.training.models.llama import Llama
+
+    cfg = model_config(args)
     torch.manual_seed(0)
-    model_fp4 = Llama(cfg)
-    model_ref = Llama(cfg)
-    model_ref.load_state_dict(model_fp4.state_dict())
-    idx = torch.randint(0, 256, (args.batch, args.seq))
-    targets = torch.randint(0, 256, (args.batch, args.seq))
-    steps = {
-        "fp4": make_step(model_fp4, "fp4", {"recipe": args.recipe}),
-        "inductor": make_step(model_ref, "inductor", None),
-    }
-    for name, step in steps.items():
+    base = Llama(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
+    targets = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
+    runs = {"inductor": ("inductor", None)}
+    for recipe in args.recipes.split(","):
+        runs[f"fp4 {recipe}"] = ("fp4", {"recipe": recipe})
+    steps, compile_s = {}, {}
+    for name, (backend, options) in runs.items():
+        model = Llama(cfg)
+        model.load_state_dict(base.state_dict())
+        steps[name] = make_step(model, backend, options)
         t = time.perf_counter()
+        steps[name](idx, targets)
+        compile_s[name] = time.perf_counter() - t
         for _ in range(args.warmup):
-            step(idx, targets)
-        print(f"{name}: compile + {args.warmup} warm-up steps {time.perf_counter() - t:.1f} s")
+            steps[name](idx, targets)
+        print(f"{name}: first step (compile) {compile_s[name]:.1f} s", flush=True)
     times = {name: [] for name in steps}
     for _ in range(args.steps):
         for name, step in steps.items():
@@ -68,19 +100,37 @@ def main(argv=None):
             step(idx, targets)
             times[name].append(time.perf_counter() - t)
     med = {name: statistics.median(v) for name, v in times.items()}
-    print(f"\n| model | tokens/step | fp4 ({args.recipe}) ms | inductor ms | ratio fp4/inductor |")
+    label = f"dim {cfg.dim}, ffn {cfg.ffn_dim}, {cfg.n_layers} layers"
+    print(f"\nmodel: {label}; batch {args.batch} x {args.seq} tokens")
+    print("| backend | step ms (median) | ratio to inductor | first step s (compile) | compile ratio |")
     print("|---|---|---|---|---|")
-    print(f"| {args.preset} (dim {cfg.dim}, ffn {cfg.ffn_dim}, {cfg.n_layers} layers) | {args.batch * args.seq} "
-          f"| {1e3 * med['fp4']:.1f} | {1e3 * med['inductor']:.1f} | {med['fp4'] / med['inductor']:.2f} |")
-    print(f"\nmachine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; median of {args.steps} interleaved steps")
+    rows = []
+    for name in steps:
+        row = {
+            "model": label, "tokens_per_step": args.batch * args.seq, "backend": name,
+            "step_ms": 1e3 * med[name], "ratio": med[name] / med["inductor"],
+            "first_step_s": compile_s[name], "compile_ratio": compile_s[name] / compile_s["inductor"],
+        }
+        rows.append(row)
+        print(f"| {name} | {row['step_ms']:.1f} | {row['ratio']:.2f} | {row['first_step_s']:.1f} "
+              f"| {row['compile_ratio']:.2f} |")
+    machine = (f"{platform.machine()} {platform.processor() or ''}".strip() + f", {torch.get_num_threads()} threads, "
+               f"torch {torch.__version__}")
+    print(f"\nmachine: {machine}; median of {args.steps} interleaved steps; "
+          f"{'cold' if args.cold else 'warm or cold (not forced)'} Inductor cache")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "cold_cache": args.cold, "steps": args.steps, "rows": rows}, f, indent=1)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
+        first_fp4 = next(name for name in steps if name != "inductor")
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(3):
-                steps["fp4"](idx, targets)
+                steps[first_fp4](idx, targets)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+    return rows
 
 
 if __name__ == "__main__":

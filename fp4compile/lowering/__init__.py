@@ -25,17 +25,17 @@ TARGETS = ("cpu", "cuda")
 def lower(gm: fx.GraphModule, report, target: str) -> None:
     """Lower every quantized site of `report` for `target`, in place."""
     if target == "cpu":
-        from .cpu import lower_site
+        from .cpu import lower_graph
     elif target == "cuda":
-        from .cuda import lower_site
+        from .cuda import lower_graph
     else:
         raise ValueError(f"target={target!r} has no lowering; valid: {', '.join(TARGETS)}")
-    touched = {}
+    by_owner = {}
     for site in report.sites:
         if site.quantized and site.rewritten:
-            owner = site.graph_module or gm
-            lower_site(owner.graph, site, report.config)
-            touched[id(owner)] = owner
-    for owner in touched.values():
+            owner = site.graph_module or gm  # the top graph or a higher-order op's body
+            by_owner.setdefault(id(owner), (owner, []))[1].append(site)
+    for owner, sites in by_owner.values():
+        lower_graph(owner.graph, sites, report.config)
         owner.graph.lint()
         owner.recompile()

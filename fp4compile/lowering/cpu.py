@@ -85,8 +85,9 @@ def _erase(graph: fx.Graph, nodes) -> None:
             raise RuntimeError(f"CPU lowering left nodes in use: {[n.name for n in pending]}")
 
 
-def _merge_compensation(graph: fx.Graph, roles: dict) -> None:
-    clamp, act, gemm, comp, add = (roles[k] for k in ("clamp", "act", "gemm", "compensate", "add"))
+def _fuse_activation(graph: fx.Graph, roles: dict):
+    """Insert the compensated-activation op in place of one activation's clamp + quantize."""
+    clamp, act = roles["clamp"], roles["act"]
     x, alpha_num, alpha_den, scope = clamp.args
     _, fmt, granularity = act.args
     with graph.inserting_before(act):
@@ -97,20 +98,41 @@ def _merge_compensation(graph: fx.Graph, roles: dict) -> None:
         x_s = graph.call_function(operator.getitem, (fused, 1))
     for node in (fused, x_comp, x_s):
         node.meta.update({k: act.meta[k] for k in ("nn_module_stack", "fp4_site") if k in act.meta})
+    return fused, x_comp, x_s
+
+
+def _merge_compensation(graph: fx.Graph, roles: dict, fused_nodes) -> None:
+    """Point one site's GEMM at the compensated activation; drop its compensation."""
+    fused, x_comp, x_s = fused_nodes
+    gemm, comp, add = roles["gemm"], roles["compensate"], roles["add"]
     # The GEMM keeps its weight, bias and gradient format; its activation is now
     # off the FP8 grid (grid values plus residual), so `fp8_grid` goes False.
     _, _, w_q, w_s, bias, grad_fmt, out_dtype, _ = gemm.args
     gemm.args = (x_comp, x_s, w_q, w_s, bias, grad_fmt, out_dtype, False)
     add.replace_all_uses_with(gemm)
-    _erase(graph, [add, comp, roles.get("shape"), *_getitems(act).values(), act, *_getitems(clamp).values(), clamp])
-    roles.update(fused=fused, clamp=None, act=None, compensate=None, add=None, shape=None)
+    _erase(graph, [add, comp, roles.get("shape")])
+    roles.update(fused=fused, compensate=None, add=None, shape=None)
 
 
-def lower_site(graph: fx.Graph, site, config) -> None:
-    """Lower one rewritten site for the CPU."""
-    roles = site.rewritten
-    if roles.get("compensate") is not None:
-        _merge_compensation(graph, roles)
+def lower_graph(graph: fx.Graph, sites, config) -> None:
+    """Lower the rewritten sites of one graph for the CPU.
+
+    Sites that share an activation (q/k/v, gate/up) share its clamp and
+    quantize nodes after the rewrite, and so share one compensated activation.
+    """
+    fused_by_act = {}
+    for site in sites:
+        roles = site.rewritten
+        if roles.get("compensate") is None:
+            site.lowering = "cpu: float32 GEMMs on grid values"
+            continue
+        act = roles["act"]
+        if act not in fused_by_act:
+            fused_by_act[act] = (roles["clamp"], _fuse_activation(graph, roles))
+        _merge_compensation(graph, roles, fused_by_act[act][1])
         site.lowering = LOWERING_NAME
-    else:
-        site.lowering = "cpu: float32 GEMMs on grid values"
+    for act, (clamp, _) in fused_by_act.items():
+        _erase(graph, [*_getitems(act).values(), act, *_getitems(clamp).values(), clamp])
+    for site in sites:
+        if site.rewritten.get("fused") is not None:
+            site.rewritten.update(clamp=None, act=None)

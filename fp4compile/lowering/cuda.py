@@ -97,8 +97,13 @@ def triton_occ_clamp_op(x, alpha_num: int, alpha_den: int, scope: str):
     return _TritonOccClamp.apply(x, alpha_num, alpha_den, scope)
 
 
-def lower_site(graph: fx.Graph, site, config) -> None:
-    """Lower one rewritten site for CUDA."""
+def lower_graph(graph: fx.Graph, sites, config) -> None:
+    """Lower the rewritten sites of one graph for CUDA."""
+    for site in sites:
+        _lower_site(site)
+
+
+def _lower_site(site) -> None:
     roles = site.rewritten
     gemm = roles["gemm"]
     parts = []

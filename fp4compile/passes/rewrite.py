@@ -21,31 +21,50 @@ def _pair(graph: fx.Graph, fn, args, outputs: int = 2):
     return (call, *(graph.call_function(operator.getitem, (call, i)) for i in range(outputs)))
 
 
-def _rewrite_one(graph: fx.Graph, site, config) -> tuple:
+def _quantize_activation(graph: fx.Graph, x, config, inserted: list, roles: dict):
+    """OCC clamp (if configured) and quantize one activation: (x_q, x_s, residual)."""
+    x_in, residual = x, None
+    if config.occ_alpha is not None:
+        num, den = alpha_fraction(config.occ_alpha)
+        clamp, x_in, r_values, r_index = _pair(
+            graph, linear_ops.occ_clamp_op, (x, num, den, config.occ_scope), outputs=3
+        )
+        residual = (r_values, r_index)
+        inserted.append(clamp)
+        roles["clamp"] = clamp
+    if config.act_fmt is not None:
+        act, x_q, x_s = _pair(
+            graph, linear_ops.quantize_activation_op, (x_in, config.act_fmt, config.act_granularity)
+        )
+    else:
+        act, x_q, x_s = _pair(graph, linear_ops._passthrough, (x_in,))
+    inserted.append(act)
+    roles["act"] = act
+    return x_q, x_s, residual
+
+
+def _rewrite_one(graph: fx.Graph, site, config, shared: dict) -> tuple:
+    """Rewrite one site's matmul; returns the names of the nodes it uses.
+
+    `shared` maps an activation node to its clamp/quantize nodes, so that sites
+    reading the same activation (q/k/v, gate/up) clamp and quantize it once:
+    the same values either way, and the backward sums their gradients before
+    the straight-through estimator rather than after it.
+    """
     matmul, _, weight, _ = site.fx_nodes
     # Read the operands now: an earlier rewrite may have replaced the activation's producer.
     x, bias = site_operands(matmul)
     out_dtype = matmul.meta["example_value"].dtype if "example_value" in matmul.meta else torch.float32
-    inserted = []
-    roles = {}
+    inserted, roles, new_nodes = [], {}, []
     with graph.inserting_before(matmul):
-        x_in, residual = x, None
-        if config.occ_alpha is not None:
-            num, den = alpha_fraction(config.occ_alpha)
-            clamp, x_in, r_values, r_index = _pair(
-                graph, linear_ops.occ_clamp_op, (x, num, den, config.occ_scope), outputs=3
-            )
-            residual = (r_values, r_index)
-            inserted.append(clamp)
-            roles["clamp"] = clamp
-        if config.act_fmt is not None:
-            act, x_q, x_s = _pair(
-                graph, linear_ops.quantize_activation_op, (x_in, config.act_fmt, config.act_granularity)
-            )
+        if x in shared:
+            x_q, x_s, residual, act_roles = shared[x]
+            roles.update(act_roles)
+            inserted += list(act_roles.values())
         else:
-            act, x_q, x_s = _pair(graph, linear_ops._passthrough, (x_in,))
-        inserted.append(act)
-        roles["act"] = act
+            x_q, x_s, residual = _quantize_activation(graph, x, config, inserted, roles)
+            shared[x] = (x_q, x_s, residual, dict(roles))
+            new_nodes += inserted
         # The quantizers take weights as [out, in]: per-output-channel scales are rows.
         w_out_in = weight if site.weight_layout == "out_in" else graph.call_function(torch.t, (weight,))
         if config.weight_fmt is not None:
@@ -56,24 +75,24 @@ def _rewrite_one(graph: fx.Graph, site, config) -> tuple:
             )
         else:
             wq, w_q, w_s = _pair(graph, linear_ops._passthrough, (w_out_in,))
-        inserted.append(wq)
         roles["weight"] = wq
         # Both operands on an FP8-representable grid: CUDA may run the GEMMs in FP8.
         fp8_grid = config.act_fmt is not None and config.weight_fmt is not None
         y = graph.call_function(
             linear_ops.fp4_gemm_op, (x_q, x_s, w_q, w_s, bias, config.grad_fmt, out_dtype, fp8_grid)
         )
-        inserted.append(y)
         roles["gemm"] = y
+        site_nodes = [wq, y]
         if residual is not None and config.occ_compensate:
             x_shape = graph.call_function(getattr, (x, "shape"))
             comp = graph.call_function(
                 linear_ops.compensate_op, (*residual, x_shape, x_s, w_q, w_s, config.grad_fmt, out_dtype)
             )
-            inserted.append(comp)
             y = graph.call_function(operator.add, (y, comp))
             roles.update(compensate=comp, add=y, shape=x_shape)
-    for node in inserted + [y]:
+            site_nodes += [comp]
+    inserted += site_nodes
+    for node in new_nodes + site_nodes + [y]:
         node.meta["nn_module_stack"] = matmul.meta.get("nn_module_stack", {})
         node.meta["fp4_site"] = site.module_path
     matmul.replace_all_uses_with(y)
@@ -84,13 +103,13 @@ def _rewrite_one(graph: fx.Graph, site, config) -> tuple:
 
 def rewrite_sites(gm: fx.GraphModule, sites, config) -> None:
     """Replace every quantized site's matmul by the quantized-linear nodes."""
-    dead_candidates, touched = [], {id(gm): gm}
+    dead_candidates, touched, shared = [], {id(gm): gm}, {}
     for site in sites:
         if site.quantized:
             owner = site.graph_module or gm  # the top graph or a higher-order op's body
             matmul = site.fx_nodes[0]
             dead_candidates += [a for a in matmul.all_input_nodes if a.op != "placeholder"]
-            site.inserted = _rewrite_one(owner.graph, site, config)
+            site.inserted = _rewrite_one(owner.graph, site, config, shared.setdefault(id(owner), {}))
             touched[id(owner)] = owner
     # Drop the W.t() nodes that only fed the replaced matmuls.
     for node in dead_candidates:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .formats import E2M1_MAX
+from .formats import E2M1_MAX, is_nan
 
 
 def _interval(a_abs: torch.Tensor):
@@ -52,4 +52,4 @@ def dge_grad_scale(x_scaled: torch.Tensor, k: float = 5.0, clamp: float | None =
     if clamp is not None:
         slope = slope.clamp(max=clamp)
     slope = torch.where(a_abs > E2M1_MAX, torch.zeros_like(slope), slope)
-    return torch.where(torch.isnan(x_scaled), x_scaled, slope)
+    return torch.where(is_nan(x_scaled), x_scaled, slope)

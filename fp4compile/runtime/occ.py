@@ -11,6 +11,8 @@ from fractions import Fraction
 
 import torch
 
+from .formats import is_inf
+
 OCC_SCOPES = ("row", "tensor")
 
 
@@ -86,7 +88,7 @@ def occ_split(x: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor):
     threshold = torch.where(x > upper, upper, lower)
     residual = torch.where(is_clamped, x - threshold, torch.zeros_like(x))
     clamped = torch.where(is_clamped, x - residual, x)
-    clamped = torch.where(is_clamped & torch.isinf(x), threshold, clamped)
+    clamped = torch.where(is_clamped & is_inf(x), threshold, clamped)
     return clamped, residual
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .formats import FORMAT_MAX, FORMATS, round_fp8, round_to_format
+from .formats import FORMAT_MAX, FORMATS, is_inf, is_nan, round_fp8, round_to_format
 
 GRANULARITIES = ("row", "tensor", "block32", "block16")
 _BLOCK_SIZE = {"block32": 32, "block16": 16}
@@ -29,7 +29,7 @@ def nan_aware_amax(x: torch.Tensor, dim=None) -> torch.Tensor:
     Inf is kept: a group holding an Inf gets an infinite scale, and its values
     dequantize to NaN, so the non-finite input stays non-finite downstream.
     """
-    a = torch.where(torch.isnan(x), torch.zeros_like(x), x.abs())
+    a = torch.where(is_nan(x), torch.zeros_like(x), x.abs())
     if dim is None:
         return a.amax().reshape([1] * x.dim())
     return a.amax(dim=dim, keepdim=True)
@@ -44,7 +44,7 @@ def _finish_scale(scale: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     tiny = torch.finfo(scale.dtype).tiny * torch.finfo(scale.dtype).eps  # smallest subnormal
     scale = torch.where((scale == 0) & (amax > 0), torch.full_like(scale, tiny), scale)
     scale = torch.where(amax == 0, torch.ones_like(scale), scale)
-    return torch.where(torch.isinf(amax), amax, scale)
+    return torch.where(is_inf(amax), amax, scale)
 
 
 def _check(x: torch.Tensor, granularity: str, fmt: str) -> None:
@@ -105,7 +105,7 @@ def quantize(x: torch.Tensor, granularity: str = "row", fmt: str = "e2m1"):
     else:
         # Two-level NVFP4 scaling. The tensor scale uses the finite amax so that an
         # Inf in one block does not flush every other block to zero.
-        finite_amax = torch.where(torch.isinf(amax), torch.zeros_like(amax), amax).amax()
+        finite_amax = torch.where(is_inf(amax), torch.zeros_like(amax), amax).amax()
         tensor_scale = torch.where(
             finite_amax == 0, torch.ones_like(finite_amax), finite_amax / (fmax * 448.0)
         )
@@ -113,9 +113,9 @@ def quantize(x: torch.Tensor, granularity: str = "row", fmt: str = "e2m1"):
         scale = block_scale_e4m3 * tensor_scale
         flushed = scale == 0
         scale = torch.where(flushed, torch.ones_like(scale), scale)
-        scale = torch.where(torch.isinf(amax), amax, scale)
+        scale = torch.where(is_inf(amax), amax, scale)
         values = round_to_format(blocks / scale, fmt)
-        values = torch.where(flushed & ~torch.isnan(blocks), torch.zeros_like(values), values)
+        values = torch.where(flushed & ~is_nan(blocks), torch.zeros_like(values), values)
     scale = scale.expand_as(blocks).reshape(x_hp.shape)
     return values.reshape(x_hp.shape), scale
 
