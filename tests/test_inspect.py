@@ -178,9 +178,15 @@ def test_save_writes_every_file_and_the_code_shows_the_rewrite(tiny, tmp_path):
     n_quantized = len(insp.quantized_sites)
     assert before.count("torch._C._nn.linear(") == len(insp.sites)
     assert after.count("torch._C._nn.linear(") == 1  # only lm_head is left
-    for op in ("occ_clamp_op(", "quantize_activation_op(", "quantize_weight_op(", "fp4_gemm_op(", "compensate_op("):
+    for op in ("quantize_weight_op(", "fp4_gemm_op(", "compensate_op("):  # one per site
         assert op not in before
         assert after.count(op) == n_quantized, op
+    # One clamp and quantize per distinct activation: q/k/v share one, gate/up another,
+    # o_proj and down_proj each have their own: 4 per layer.
+    n_layers = sum(site.module_path.endswith("down_proj") for site in insp.sites)
+    for op in ("occ_clamp_op(", "quantize_activation_op("):
+        assert op not in before
+        assert after.count(op) == 4 * n_layers, op
 
     with open(folder / "sites.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -198,10 +204,11 @@ def test_graph_html_marks_inserted_and_skipped_nodes(tiny, tmp_path):
     kinds = re.findall(r'<g class="node kind-([a-z0-9_]+)" data-node="([^"]+)"', page)
     count = lambda kind: sum(1 for k, _ in kinds if k == kind)
     n_quantized = len(insp.quantized_sites)
+    n_activations = 4 * sum(site.module_path.endswith("down_proj") for site in insp.sites)  # see above
     assert count("fp4_gemm") == n_quantized
-    assert count("occ_clamp") == n_quantized
+    assert count("occ_clamp") == n_activations
     assert count("compensate") == n_quantized
-    assert count("quantize") == 2 * n_quantized  # activation and weight
+    assert count("quantize") == n_quantized + n_activations  # each weight, each distinct activation
     assert [name for kind, name in kinds if kind == "skipped_matmul"] == [_site(insp, "lm_head").node]
 
 
