@@ -109,8 +109,20 @@ def fp4_backend(gm, example_inputs, options=None, mode=None):
 
     from .lowering.cache_key import inductor_config_patches
 
+    import time
+
+    from .report import logger, reports
+
     config = prepare(gm, example_inputs, options, "fp4", lower=True)
-    return compile_fx(gm, example_inputs, config_patches=inductor_config_patches(config))
+    report = reports()[-1]
+    logger.info("fp4compile: compiling graph %d (%d/%d matmul sites quantized, recipe %s) with Inductor; "
+                "on a CPU this takes a minute or two", report.graph_id, len(report.quantized),
+                len(report.sites), config.recipe)
+    start = time.perf_counter()
+    compiled = compile_fx(gm, example_inputs, config_patches=inductor_config_patches(config))
+    logger.info("fp4compile: graph %d: Inductor compile returned after %.1f s", report.graph_id,
+                time.perf_counter() - start)
+    return compiled
 
 
 def fp4_eager_backend(gm, example_inputs, options=None, mode=None):

@@ -333,7 +333,12 @@ def _round_to_format(v, FMT: tl.constexpr):
 def _load_rows(x_ptr, M, K, stride_x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """This program's BLOCK_M rows as float32 [BLOCK_M, BLOCK_K] (0 outside), their
     row indices, the column indices (broadcast to the block), the flat offsets of
-    a contiguous [M, K] output, and the masks."""
+    a contiguous [M, K] output, and the masks.
+
+    The widening to float32 is exact when compiled, bf16 subnormals included.
+    Triton's CPU interpreter (TRITON_INTERPRET=1, 3.x) widens nonzero bf16
+    subnormals wrongly (0x0001 -> 0.0, 0x0003 -> 2**-127): an artefact of its
+    emulation, accounted for in tests/test_triton_kernels.py."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
     row_mask = rows < M
