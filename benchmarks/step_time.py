@@ -8,6 +8,7 @@ Inductor at a fresh cache folder) is reported as the compile time.
 
     python benchmarks/step_time.py                                  # demo model (cpu preset)
     python benchmarks/step_time.py --dim 384 --ffn 1536 --layers 4  # a wider model
+    python benchmarks/step_time.py --regional                       # compile block by block
     python benchmarks/step_time.py --small                          # smoke run (tiny preset)
 
 `--json PATH` writes the table as JSON (benchmarks/results/ holds committed runs);
@@ -21,14 +22,27 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 
 import torch
 
 
-def make_step(model, backend, options):
-    compiled = torch.compile(model, backend=backend, options=options) if options else torch.compile(model, backend=backend)
+def make_step(model, backend, options, regional: bool = False):
+    """One training step of `model` compiled with `backend`.
+
+    `regional`: compile each transformer block on its own (`block.compile(...)`);
+    the blocks share one compiled graph, so the compile covers one block instead
+    of the whole model, and the rest (embedding, final norm, lm_head) runs eagerly.
+    """
+    kwargs = {"backend": backend, **({"options": options} if options else {})}
+    if regional:
+        for block in model.layers:
+            block.compile(**kwargs)
+        compiled = model
+    else:
+        compiled = torch.compile(model, **kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def step(idx, targets):
@@ -62,6 +76,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cold", action="store_true", help="compile into a fresh, empty Inductor cache")
+    parser.add_argument("--regional", action="store_true",
+                        help="compile each transformer block on its own, for every backend (see make_step)")
     parser.add_argument("--small", action="store_true", help="smoke run: tiny preset, 2 steps")
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     parser.add_argument("--profile", action="store_true")
@@ -86,7 +102,7 @@ def main(argv=None):
     for name, (backend, options) in runs.items():
         model = Llama(cfg)
         model.load_state_dict(base.state_dict())
-        steps[name] = make_step(model, backend, options)
+        steps[name] = make_step(model, backend, options, regional=args.regional)
         t = time.perf_counter()
         steps[name](idx, targets)
         compile_s[name] = time.perf_counter() - t
@@ -100,7 +116,7 @@ def main(argv=None):
             step(idx, targets)
             times[name].append(time.perf_counter() - t)
     med = {name: statistics.median(v) for name, v in times.items()}
-    label = f"dim {cfg.dim}, ffn {cfg.ffn_dim}, {cfg.n_layers} layers"
+    label = f"dim {cfg.dim}, ffn {cfg.ffn_dim}, {cfg.n_layers} layers" + (", regional compile" if args.regional else "")
     print(f"\nmodel: {label}; batch {args.batch} x {args.seq} tokens")
     print("| backend | step ms (median) | ratio to inductor | first step s (compile) | compile ratio |")
     print("|---|---|---|---|---|")
@@ -121,7 +137,9 @@ def main(argv=None):
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "cold_cache": args.cold, "steps": args.steps, "rows": rows}, f, indent=1)
+            json.dump({"machine": machine, "cold_cache": args.cold, "regional": args.regional, "steps": args.steps,
+                       "command": "python benchmarks/step_time.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                       "rows": rows}, f, indent=1)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

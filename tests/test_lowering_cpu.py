@@ -128,9 +128,16 @@ class ParallelSites(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def compiled_pair():
-    """The same float32 model compiled lowered (`fp4`) and semantic (`fp4_aot_eager`)."""
+def compiled_pair(tmp_path_factory):
+    """The same float32 model compiled lowered (`fp4`) and semantic (`fp4_aot_eager`).
+
+    The `fp4` compile also writes a graph dump (FP4COMPILE_DUMP_DIR), returned last.
+    """
+    import os
+
     from torch._inductor.utils import run_and_get_code
+
+    dump_dir = tmp_path_factory.mktemp("dump")
 
     torch.manual_seed(0)
     model = ParallelSites()
@@ -152,15 +159,19 @@ def compiled_pair():
         grads = [p.grad.clone() for p in model.parameters()] + [x.grad.clone(), x2.grad.clone()]
         return out.detach(), grads, fp4compile.reports()
 
-    (lowered, code) = run_and_get_code(lambda: run("fp4"))
+    os.environ["FP4COMPILE_DUMP_DIR"] = str(dump_dir)
+    try:
+        (lowered, code) = run_and_get_code(lambda: run("fp4"))
+    finally:
+        del os.environ["FP4COMPILE_DUMP_DIR"]
     semantic = run("fp4_aot_eager")
-    yield lowered, semantic, code
+    yield lowered, semantic, code, dump_dir
     fp4compile.reset()
 
 
 @pytest.mark.slow
 def test_compiled_lowered_graph_matches_semantic_graph_float32(compiled_pair):
-    (out, grads, reports), (out_ref, grads_ref, _), _ = compiled_pair
+    (out, grads, reports), (out_ref, grads_ref, _), _, _ = compiled_pair
     assert len(reports) == 1 and len(reports[0].quantized) == 4
     eps = torch.finfo(torch.float32).eps
     assert (out - out_ref).abs().max() <= 64 * eps * out_ref.abs().max()
@@ -170,7 +181,7 @@ def test_compiled_lowered_graph_matches_semantic_graph_float32(compiled_pair):
 
 @pytest.mark.slow
 def test_lowered_code_has_one_gemm_per_product_and_no_sparse_compensation(compiled_pair):
-    (_, _, reports), _, code = compiled_pair
+    (_, _, reports), _, code, _ = compiled_pair
     forward, backward = code[0], code[-1]
     sites = reports[0].quantized
     assert all(site.lowering.startswith("cpu: one GEMM per product") for site in sites)
@@ -188,3 +199,23 @@ def test_lowered_code_has_one_gemm_per_product_and_no_sparse_compensation(compil
     kernels = lambda text: text.count("async_compile.cpp_pybinding(")
     assert kernels(forward) <= 4, kernels(forward)
     assert kernels(backward) <= 3, kernels(backward)
+
+
+@pytest.mark.slow
+def test_dump_shows_the_graph_before_and_after_lowering(compiled_pair):
+    *_, dump_dir = compiled_pair
+    folder = next(dump_dir.glob("graph_*"))
+    after = (folder / "after.py").read_text()
+    lowered = (folder / "lowered.py").read_text()
+    # The semantic graph: sparse compensation per site, one clamp per distinct activation.
+    assert after.count("compensate_op(") == 4 and after.count("occ_clamp_op(") == 2
+    assert "compensated_activation_op" not in after
+    # After lowering: no compensation, one compensated activation per distinct activation.
+    assert "compensate_op(" not in lowered and "occ_clamp_op(" not in lowered
+    assert lowered.count("compensated_activation_op(") == 2
+    assert lowered.count("fp4_gemm_op(") == 4
+    with open(folder / "sites.csv", newline="") as f:
+        import csv
+
+        rows = list(csv.DictReader(f))
+    assert all(row["lowering"].startswith("cpu: one GEMM per product") for row in rows)

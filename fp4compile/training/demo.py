@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="peak learning rate (1e-3: the bf16 baseline's best on the cpu preset, BENCHMARKS.md)")
     parser.add_argument("--recipe", default="paper", help="the FP4 recipe to compare with bf16")
     parser.add_argument("--data", default=None, help="a text file or folder (default: Python stdlib source)")
     parser.add_argument("--seed", type=int, default=0)
@@ -30,7 +31,16 @@ def run(args) -> int:
     from fp4compile.training.models.llama import param_count, preset
     from fp4compile.training import TrainConfig, build_model, train
 
+    import logging
+
     torch.set_float32_matmul_precision("high")
+    # The backend logs a line before each Inductor compile (a minute or two on a
+    # CPU): show it, so the first step's wait is explained.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("  %(message)s"))
+    log = logging.getLogger("fp4compile")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
     model_cfg = preset(args.preset)
     data = load_corpus(args.data, max_bytes=4_000_000)
     train_data, val_data = split_train_val(data, 0.05)
@@ -47,6 +57,7 @@ def run(args) -> int:
         fp4compile.reset()
         model = build_model(model_cfg, args.seed)
         compiled = torch.compile(model, backend="fp4", options={"recipe": recipe})
+        print(f"\n{recipe}: compiling, then {args.steps} steps", flush=True)
         start = time.time()
         results[recipe] = train(model, compiled, train_cfg, train_data, val_data, desc=recipe)
         results[recipe].wall = time.time() - start
@@ -58,7 +69,8 @@ def run(args) -> int:
         print(f"{recipe:<11} {res.final_train_loss:>16.4f}  {res.final_val_loss:>14.4f}  "
               f"{res.tokens_per_s:>8.0f}  {res.wall:>8.1f}")
     gap = (results[args.recipe].final_val_loss / results["bf16"].final_val_loss - 1) * 100
-    print(f"\nval-loss gap of {args.recipe} to bf16: {gap:+.2f}%")
+    baseline = "bf16 (unquantized; on a CPU it runs in float32)" if not torch.cuda.is_available() else "bf16"
+    print(f"\nval-loss gap of {args.recipe} to {baseline}: {gap:+.2f}%")
     print(f"\nWhat the fp4 backend did ({args.recipe}), one line per compiled graph:")
     for report in recipe_reports:
         print(" ", report.summary())
