@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from ..runtime import gemm as reference_gemm
 from ..runtime import linear_ops
-from ..runtime.occ import occ_split, occ_thresholds
+from ..runtime.occ import occ_split
 from ..runtime.quantize import compute_dtype
 from . import cuda_gemm
 
@@ -65,31 +65,25 @@ def _triton_occ_rows(x, alpha_num, alpha_den):
             values.reshape(*lead, values.shape[-1]), index.reshape(*lead, index.shape[-1]))
 
 
-class _TritonOccClamp(torch.autograd.Function):
-    """`occ_clamp_op` with the thresholds and residual from the Triton row kernel."""
+class _TritonOccClamp(linear_ops._OccClamp):
+    """`occ_clamp_op` with the thresholds and residual from the Triton row kernel.
+
+    Falls back to the reference forward where the kernel does not apply; the
+    backward (straight through) is the reference's.
+    """
 
     @staticmethod
     def forward(ctx, x, alpha_num, alpha_den, scope):
-        x_hp = x.to(compute_dtype(x.dtype))
         fast = _triton_occ_rows(x, alpha_num, alpha_den) if scope == "row" else None
-        if fast is not None:
-            # Same thresholds and non-zero residual entries as the top-k path, bit
-            # for bit; the clamp stays in torch so Inductor fuses it into the
-            # quantization reading it.
-            upper, lower, values, index = fast
-            clamped, _ = occ_split(x_hp, upper, lower)
-        else:
-            upper, lower, index = occ_thresholds(x_hp, alpha_num, alpha_den, scope, with_index=True)
-            clamped, residual = occ_split(x_hp, upper, lower)
-            flat = residual if scope == "row" else residual.reshape(-1)
-            values = flat.gather(-1, index)
+        if fast is None:
+            return linear_ops._OccClamp.forward(ctx, x, alpha_num, alpha_den, scope)
+        # Same thresholds and non-zero residual entries as the top-k path, bit for
+        # bit; the clamp stays in torch so Inductor fuses it into the quantization.
+        upper, lower, values, index = fast
+        clamped, _ = occ_split(x.to(compute_dtype(x.dtype)), upper, lower)
         ctx.in_dtype = x.dtype
         ctx.mark_non_differentiable(values, index)
         return clamped, values, index
-
-    @staticmethod
-    def backward(ctx, grad_clamped, grad_values, grad_index):
-        return grad_clamped.to(ctx.in_dtype), None, None, None
 
 
 def triton_occ_clamp_op(x, alpha_num: int, alpha_den: int, scope: str):
