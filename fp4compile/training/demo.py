@@ -1,8 +1,8 @@
 """The main job: train a small LLaMA-style model with `backend="fp4"` next to BF16.
 
 `python -m fp4compile demo` compiles the model under the `paper` recipe and under
-`bf16` (same seed, same data order), trains each for a few hundred steps on the
-embedded corpus (the Python standard library's own source, no download), and
+`bf16` (same seed, same data order; block by block unless `--whole-model`),
+trains each for a few hundred steps on the embedded corpus (the Python standard library's own source, no download), and
 prints both losses and the report of what went to FP4.
 """
 from __future__ import annotations
@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", default="paper", help="the FP4 recipe to compare with bf16")
     parser.add_argument("--data", default=None, help="a text file or folder (default: Python stdlib source)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--whole-model", action="store_true",
+                        help="compile the whole model as one graph instead of block by block "
+                             "(a cold compile then takes about three times as long, BENCHMARKS.md)")
 
 
 def run(args) -> int:
@@ -36,10 +39,11 @@ def run(args) -> int:
     torch.set_float32_matmul_precision("high")
     # The backend logs a line before each Inductor compile (a minute or two on a
     # CPU): show it, so the first step's wait is explained.
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("  %(message)s"))
     log = logging.getLogger("fp4compile")
-    log.addHandler(handler)
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("  %(message)s"))
+        log.addHandler(handler)
     log.setLevel(logging.INFO)
     model_cfg = preset(args.preset)
     data = load_corpus(args.data, max_bytes=4_000_000)
@@ -56,7 +60,15 @@ def run(args) -> int:
     for recipe in (args.recipe, "bf16"):
         fp4compile.reset()
         model = build_model(model_cfg, args.seed)
-        compiled = torch.compile(model, backend="fp4", options={"recipe": recipe})
+        options = {"recipe": recipe}
+        if args.whole_model:
+            compiled = torch.compile(model, backend="fp4", options=options)
+        else:
+            # Regional compilation: the transformer blocks are identical, so one
+            # compiled graph serves them all and a cold compile covers one block.
+            for block in model.layers:
+                block.compile(backend="fp4", options=options)
+            compiled = model
         print(f"\n{recipe}: compiling, then {args.steps} steps", flush=True)
         start = time.time()
         results[recipe] = train(model, compiled, train_cfg, train_data, val_data, desc=recipe)
@@ -76,4 +88,7 @@ def run(args) -> int:
         print(" ", report.summary())
     if recipe_reports:  # the graphs of one model share their sites: one table suffices
         print("\n" + recipe_reports[0].table())
+    if not args.whole_model:
+        print(f"\n(Compiled block by block: one graph serves all {model_cfg.n_layers} blocks, so module names are "
+              "relative to a block; the embedding, final norm and lm_head run outside it, unquantized.)")
     return 0
