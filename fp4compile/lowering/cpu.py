@@ -29,7 +29,6 @@ import operator
 import torch
 import torch.fx as fx
 
-from ..runtime import linear_ops
 from ..runtime.gemm import is_vector_scale
 from ..runtime.occ import occ_split, occ_thresholds
 from ..runtime.quantize import compute_dtype, quantize
