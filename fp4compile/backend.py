@@ -10,6 +10,8 @@ eager/aot_eager; both run the semantic graph (no lowering):
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .config import Fp4Config
@@ -71,7 +73,7 @@ def _root_module_names(gm):
 
 
 def prepare(gm, example_inputs, options, backend: str, lower: bool = False):
-    """Validate options, run the passes (and the target's lowering), record and log the report.
+    """Validate options, run the passes (and the target's lowering), record, log and return the report.
 
     `lower`: run the lowering step (`fp4compile.lowering`) after the passes; only
     the product backend does, so the debug backends run the semantic graph.
@@ -100,7 +102,7 @@ def prepare(gm, example_inputs, options, backend: str, lower: bool = False):
         lowered_code = graph_module_code(gm) if dumping() else None
     add_report(report)
     maybe_dump(semantic_gm, report, before_code, lowered_code)  # writes only when FP4COMPILE_DUMP_DIR is set
-    return config
+    return report
 
 
 def fp4_backend(gm, example_inputs, options=None, mode=None):
@@ -108,13 +110,10 @@ def fp4_backend(gm, example_inputs, options=None, mode=None):
     from torch._inductor.compile_fx import compile_fx
 
     from .lowering.cache_key import inductor_config_patches
+    from .report import logger
 
-    import time
-
-    from .report import logger, reports
-
-    config = prepare(gm, example_inputs, options, "fp4", lower=True)
-    report = reports()[-1]
+    report = prepare(gm, example_inputs, options, "fp4", lower=True)
+    config = report.config
     logger.info("fp4compile: compiling graph %d (%d/%d matmul sites quantized, recipe %s) with Inductor; "
                 "on a CPU this takes a minute or two", report.graph_id, len(report.quantized),
                 len(report.sites), config.recipe)

@@ -110,7 +110,8 @@ def _merge_compensation(graph: fx.Graph, roles: dict, fused_nodes) -> None:
     gemm.args = (x_comp, x_s, w_q, w_s, bias, grad_fmt, out_dtype, False)
     add.replace_all_uses_with(gemm)
     _erase(graph, [add, comp, roles.get("shape")])
-    roles.update(fused=fused, compensate=None, add=None, shape=None)
+    # The shared clamp and quantize nodes go once every site sharing them is merged.
+    roles.update(fused=fused, clamp=None, act=None, compensate=None, add=None, shape=None)
 
 
 def lower_graph(graph: fx.Graph, sites, config) -> None:
@@ -132,6 +133,3 @@ def lower_graph(graph: fx.Graph, sites, config) -> None:
         site.lowering = LOWERING_NAME
     for act, (clamp, _) in fused_by_act.items():
         _erase(graph, [*_getitems(act).values(), act, *_getitems(clamp).values(), clamp])
-    for site in sites:
-        if site.rewritten.get("fused") is not None:
-            site.rewritten.update(clamp=None, act=None)
