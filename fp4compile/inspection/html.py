@@ -3,13 +3,22 @@
 The FP4 backend rewrites linear-layer matmuls into clamp / quantize / FP4 GEMM /
 compensate nodes and leaves some matmul sites alone. Reading that from
 ``graph.print_tabular()`` is painful once a graph has hundreds of nodes, so this
-module draws the graph instead: every FX node becomes a box in an inline SVG,
-coloured and shaped by what the rewrite made of it, with the per-site table
-underneath.
+module draws the graph instead, at two levels:
 
-The page is fully self-contained (inline CSS and SVG, no scripts, fonts or other
-resources fetched from anywhere), so it can be attached to a CI run or opened
-from a machine without network access.
+* the **module overview** the page opens at (:mod:`fp4compile.inspection.html_overview`):
+  one box per module, listing its matmul sites and their decisions, each box
+  expandable into a drawing of its nodes with getitem and view/reshape/cast
+  nodes folded into their producers; a search field filters the boxes by
+  module name;
+* the **full drawing**, collapsed below it: every FX node becomes a box in an
+  inline SVG, coloured and shaped by what the rewrite made of it;
+
+with the per-site table underneath.
+
+The page is fully self-contained (inline CSS, SVG and one inline script; no
+fonts, images or other resources fetched from anywhere), so it can be attached
+to a CI run or opened from a machine without network access. Without
+JavaScript everything but the search still works (the boxes expand natively).
 
 Layout: networkx holds the structure (one vertex per FX node, one edge per input
 use) and supplies the layers (``nx.topological_generations``) and the longest
@@ -18,6 +27,7 @@ the other nodes are placed around it with a small layered-drawing heuristic
 (barycentre sweeps, least-squares row packing), weights sit next to the node
 that uses them, long edges run in lanes of their own and wide layers wrap onto
 several rows. The SVG grows with the node count and sits in a scrollable box.
+The overview's per-module drawings use the same layout.
 """
 
 from __future__ import annotations
@@ -131,6 +141,9 @@ def render_graph_html(
     for kind in kinds.values():
         kind_counts[kind] += 1
 
+    from .html_overview import OVERVIEW_CSS, OVERVIEW_SCRIPT, build_overview, render_overview
+
+    overview = build_overview(graph, kinds, site_rows, describe_target=_describe_target)
     escaped_title = _escape(title)
     return "\n".join(
         [
@@ -138,17 +151,23 @@ def render_graph_html(
             '<html lang="en">',
             "<head>",
             '<meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
             f"<title>{escaped_title}</title>",
-            f"<style>{_PAGE_CSS}</style>",
+            f"<style>{_PAGE_CSS}\n{OVERVIEW_CSS}</style>",
             "</head>",
             "<body>",
             f"<h1>{escaped_title}</h1>",
-            f'<p class="summary">{len(fx_nodes)} nodes, {dag.number_of_edges()} edges. '
-            "Hover a node for its full name, op and target.</p>",
+            render_overview(overview),
             _render_legend(kind_counts),
+            '<details class="full-graph">',
+            f"<summary>Full graph: every FX node ({len(fx_nodes)} nodes, "
+            f"{dag.number_of_edges()} edges)</summary>",
+            '<p class="summary">Hover a node for its full name, op and target.</p>',
             f'<div class="graph-scroll">{svg}</div>',
+            "</details>",
             "<h2>Matmul sites</h2>",
             _render_site_table(site_rows),
+            f"<script>{OVERVIEW_SCRIPT}</script>",
             "</body>",
             "</html>",
             "",
@@ -684,7 +703,9 @@ _PAGE_CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5rem; color: #1a1a1a; }
 h1 { font-size: 1.4rem; margin-bottom: 0.3rem; }
 h2 { font-size: 1.15rem; margin-top: 1.5rem; }
-.summary { color: #555; margin-top: 0; }
+.summary { color: #555; margin-top: 0.3rem; }
+details.full-graph { margin-top: 1rem; }
+details.full-graph > summary { cursor: pointer; font-size: 1.15rem; font-weight: 600; }
 .legend { list-style: none; padding: 0; display: flex; flex-wrap: wrap; gap: 0.3rem 1.2rem; }
 .legend-item { display: flex; align-items: center; gap: 0.35rem; font-size: 0.9rem; }
 .legend-count { color: #666; }
