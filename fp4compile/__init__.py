@@ -23,10 +23,12 @@ __all__ = [
     "fp4_linear_reference",
 ]
 
-from .backend import register_backends
+from .api import compile_model
+from .backend import OPTIONS_ENV, register_backends
+from .config import Fp4OptionsError
 from .inspection.inspect import inspect
 from .report import reports, reset
 
-__all__ += ["reports", "reset", "inspect"]
+__all__ += ["compile_model", "Fp4OptionsError", "OPTIONS_ENV", "reports", "reset", "inspect"]
 
 register_backends()

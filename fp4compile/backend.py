@@ -10,30 +10,55 @@ eager/aot_eager; both run the semantic graph (no lowering):
 """
 from __future__ import annotations
 
+import json
+import os
 import time
 
 import torch
 
-from .config import Fp4Config
+from .config import Fp4Config, Fp4OptionsError
 from .passes import run_passes
 from .report import GraphReport, add_report, next_graph_id
 
 BACKEND_NAMES = ("fp4", "fp4_eager", "fp4_aot_eager")
+# JSON with the keys of `options`, read when a compile passes no options, so that
+# a script that calls torch.compile(model, backend="fp4") can be switched unmodified.
+OPTIONS_ENV = "FP4COMPILE_OPTIONS"
+
+__all__ = ["Fp4OptionsError", "resolve_config", "prepare", "register_backends", "OPTIONS_ENV"]
 
 
-class Fp4OptionsError(ValueError):
-    """A bad `options=` value; raised before any computation runs."""
+def options_from_env() -> dict | None:
+    """The options in FP4COMPILE_OPTIONS, or None when it is unset or empty."""
+    text = os.environ.get(OPTIONS_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise Fp4OptionsError(f"{OPTIONS_ENV} is not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(options, dict):
+        raise Fp4OptionsError(f"{OPTIONS_ENV} must be a JSON object of Fp4Config fields, got {text!r}")
+    return options
 
 
 def resolve_config(options) -> Fp4Config:
+    """The Fp4Config for `options` (a dict, a config, or None: then FP4COMPILE_OPTIONS, then `paper`)."""
     if isinstance(options, Fp4Config):
         return options
     if options is not None and not isinstance(options, dict):
         raise Fp4OptionsError(f"options must be a dict of Fp4Config fields, got {type(options).__name__}")
+    source = ""
+    if not options:
+        env_options = options_from_env()
+        if env_options is not None:
+            options, source = env_options, f" (from {OPTIONS_ENV})"
     try:
         return Fp4Config.from_options(options)
+    except Fp4OptionsError:
+        raise
     except ValueError as exc:
-        raise Fp4OptionsError(str(exc)) from None
+        raise Fp4OptionsError(f"{exc}{source}") from None
 
 
 def resolve_target(config: Fp4Config, example_inputs) -> str:
@@ -45,8 +70,8 @@ def resolve_target(config: Fp4Config, example_inputs) -> str:
     return "cpu"
 
 
-def _root_module_names(gm):
-    """Module paths of the model dynamo is compiling, when it is an nn.Module.
+def _root_modules(gm):
+    """The modules dynamo is compiling (usually one, the model), or None.
 
     The parameters' sources name the root local (e.g. L['self']); the frame being
     traced holds it. Returns None when that cannot be found (a plain function).
@@ -67,9 +92,7 @@ def _root_module_names(gm):
     except Exception:  # dynamo internals moved: skip the check rather than fail
         return None
     modules = [m for m in modules if isinstance(m, torch.nn.Module)]
-    if not modules:
-        return None
-    return [name for m in modules for name, _ in m.named_modules()]
+    return modules or None
 
 
 def prepare(gm, example_inputs, options, backend: str, lower: bool = False):
@@ -81,17 +104,20 @@ def prepare(gm, example_inputs, options, backend: str, lower: bool = False):
     import copy
 
     from .inspection.dump import dumping, graph_module_code, maybe_dump
-    from .passes.policy import check_skip_patterns
+    from .passes.policy import check_policy_applies, check_skip_patterns
 
     config = resolve_config(options)
+    roots = _root_modules(gm)
+    root = roots[0] if roots and len(roots) == 1 else None
     try:
-        check_skip_patterns(config, _root_module_names(gm))
+        check_skip_patterns(config, None if roots is None else [n for m in roots for n, _ in m.named_modules()])
     except ValueError as exc:
         raise Fp4OptionsError(str(exc)) from None
+    check_policy_applies(config, root)
     report = GraphReport(graph_id=next_graph_id(), backend=backend, config=config)
     before_code = graph_module_code(gm) if dumping() else None
     target = resolve_target(config, example_inputs)
-    run_passes(gm, example_inputs, config, target, report)
+    run_passes(gm, example_inputs, config, target, report, root)
     semantic_gm, lowered_code = gm, None
     if lower:
         from .lowering import lower as lower_graph

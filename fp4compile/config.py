@@ -7,11 +7,35 @@ builds the published method or one of its baselines and ablations.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Callable
 
 from .runtime.formats import FORMATS
 from .runtime.occ import OCC_SCOPES
 from .runtime.quantize import GRANULARITIES
+
+try:  # dynamo re-raises these as they are, instead of wrapping them in BackendCompilerFailed
+    from torch._dynamo.exc import ShortenTraceback as _PropagatedByDynamo
+except ImportError:  # pragma: no cover - older or newer dynamo: the error arrives wrapped
+    _PropagatedByDynamo = None
+
+
+class Fp4OptionsError(ValueError, *((_PropagatedByDynamo,) if _PropagatedByDynamo else ())):
+    """A bad fp4compile option (from `options=`, `FP4COMPILE_OPTIONS` or `compile_model`).
+
+    A `ValueError` whose message names the option and its valid values. Raised
+    at the first call of a `torch.compile`d model, before any pass or
+    computation runs. It also derives from dynamo's `ShortenTraceback` (where
+    that exists), the exceptions dynamo passes through unwrapped: so the caller
+    receives this exception itself, not a `BackendCompilerFailed` around it.
+    """
+
+    def __init__(self, message: str):
+        if _PropagatedByDynamo is not None:
+            _PropagatedByDynamo.__init__(self, message, first_useful_frame=None)
+        else:  # pragma: no cover
+            ValueError.__init__(self, message)
+
 
 GRAD_FORMATS = ("e5m2",)
 TARGETS = ("auto", "cpu", "cuda")
@@ -27,6 +51,12 @@ class Fp4Config:
     Formats are None for "no quantization" (high precision). `dge_clamp=None`
     disables DGE (plain straight-through estimator); `occ_alpha=None` disables
     outlier clamping.
+
+    Per-layer policy, checked in this order after the recipe: `skip` (module-name
+    globs), `keep_modules` (exact module paths, each with the reason to report),
+    `filter_fn(module, fqn) -> bool` (as torchao's `module_filter_fn`: False keeps
+    the layer in high precision), `keep_first_last` (the first and last N of the
+    model's repeated blocks), then `min_features`.
     """
 
     recipe: str = "paper"
@@ -41,6 +71,11 @@ class Fp4Config:
     occ_scope: str = "row"
     occ_compensate: bool = True
     skip: tuple[str, ...] = DEFAULT_SKIP
+    keep_modules: tuple[tuple[str, str], ...] = ()
+    # Not in repr (so not in the compiled-graph cache key, which holds the repr):
+    # its decisions are already in the rewritten graph it keys on.
+    filter_fn: Callable | None = field(default=None, repr=False)
+    keep_first_last: int = 0
     min_features: int = 0
     target: str = "auto"
 
@@ -71,9 +106,23 @@ class Fp4Config:
             raise ValueError("occ_alpha needs a quantized activation format (act_fmt); set occ_alpha=None")
         if not isinstance(self.occ_compensate, bool):
             raise ValueError(f"occ_compensate={self.occ_compensate!r} is invalid: True or False")
-        if not all(isinstance(p, str) and p for p in self.skip):
+        if not isinstance(self.skip, tuple) or not all(isinstance(p, str) and p for p in self.skip):
             raise ValueError(f"skip={self.skip!r} is invalid: a tuple of module-name glob patterns")
-        if not isinstance(self.min_features, int) or self.min_features < 0:
+        if isinstance(self.keep_modules, list):
+            object.__setattr__(self, "keep_modules", tuple(tuple(p) if isinstance(p, list) else p
+                                                           for p in self.keep_modules))
+        if not isinstance(self.keep_modules, tuple) or not all(
+            isinstance(p, tuple) and len(p) == 2 and all(isinstance(v, str) and v for v in p)
+            for p in self.keep_modules
+        ):
+            raise ValueError(f"keep_modules={self.keep_modules!r} is invalid: a tuple of (module path, reason) "
+                             "string pairs")
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise ValueError(f"filter_fn={self.filter_fn!r} is invalid: a callable (module, fqn) -> bool, or None")
+        if not _is_int(self.keep_first_last) or self.keep_first_last < 0:
+            raise ValueError(f"keep_first_last={self.keep_first_last!r} is invalid: an integer >= 0 (blocks kept "
+                             "in high precision at each end)")
+        if not _is_int(self.min_features) or self.min_features < 0:
             raise ValueError(f"min_features={self.min_features!r} is invalid: an integer >= 0")
 
     @property
@@ -105,6 +154,10 @@ class Fp4Config:
 
 def field_names() -> list[str]:
     return [f.name for f in fields(Fp4Config)]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_number(v) -> bool:

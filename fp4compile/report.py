@@ -36,6 +36,8 @@ class MatmulSite:
     # "add", "shape"), for the lowering step only.
     rewritten: dict = field(default_factory=dict, repr=False, compare=False)
     lowering: str = ""  # how the target runs the site, set by the lowering step
+    weight_side: str = "right"  # "left" for W @ x: the rewrite multiplies x^T by W^T
+    addmm_alpha_beta: tuple = (1, 1)  # addmm's (alpha, beta): y = beta * b + alpha * (x @ W)
 
     @property
     def in_features(self):
@@ -58,7 +60,7 @@ class MatmulSite:
         m, k, n = self.mkn()
         row = {
             "module": self.module_path or "(root)",
-            "op": self.op,
+            "op": self.op + (" (weight left)" if self.weight_side == "left" else ""),
             "M": str(m),
             "K": str(k),
             "N": str(n),

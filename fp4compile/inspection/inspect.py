@@ -33,7 +33,7 @@ from ..backend import resolve_config as backend_config
 from ..backend import resolve_target as backend_target
 from ..config import Fp4Config
 from ..passes import run_passes
-from ..passes.policy import check_skip_patterns
+from ..passes.policy import check_policy_applies, check_skip_patterns
 from ..report import GraphReport, format_table
 from . import dump
 
@@ -139,15 +139,18 @@ def _snapshot(gm: fx.GraphModule) -> fx.GraphModule:
     return snapshot
 
 
-def capture(model, example_args, example_kwargs, config) -> list[CapturedGraph]:
-    """Dynamo-capture `model` on the example inputs; run the passes on every graph."""
+def capture(model, example_args, example_kwargs, config, root=None) -> list[CapturedGraph]:
+    """Dynamo-capture `model` on the example inputs; run the passes on every graph.
+
+    `root`: the nn.Module behind `model`, for the per-layer policy (`filter_fn`, `keep_first_last`).
+    """
     graphs: list[CapturedGraph] = []
     runners: list[_GraphRunner] = []
 
     def capturing_backend(gm: fx.GraphModule, example_inputs):
         before = _snapshot(gm)
         report = GraphReport(graph_id=len(graphs), backend="inspect", config=config)
-        run_passes(gm, example_inputs, config, backend_target(config, example_inputs), report)
+        run_passes(gm, example_inputs, config, backend_target(config, example_inputs), report, root)
         graphs.append(CapturedGraph(len(graphs), before, gm, report, list(example_inputs)))
         runners.append(_GraphRunner(gm))
         return runners[-1]
@@ -306,10 +309,12 @@ def inspect(model, *example_args, options=None, **example_kwargs) -> Inspection:
     """
     config = backend_config(options)
     root = getattr(model, "_orig_mod", model)  # an already compiled model: its modules' own names
-    if isinstance(root, torch.nn.Module):
+    root = root if isinstance(root, torch.nn.Module) else None
+    if root is not None:
         try:
             check_skip_patterns(config, [name for name, _ in root.named_modules()])
         except ValueError as exc:
             raise Fp4OptionsError(str(exc)) from None
-    graphs = capture(model, example_args, example_kwargs, config)
+    check_policy_applies(config, root)
+    graphs = capture(model, example_args, example_kwargs, config, root)
     return Inspection(model, example_args, example_kwargs, config, graphs)

@@ -5,7 +5,11 @@ Dynamo hands the backend torch-level ops. The forms found here:
   - `x @ W.t()`, `torch.matmul(x, W.T)` (weight [out, in])
   - `x @ W`, `torch.matmul(x, W)` and `torch.addmm(b, x, W)` (weight [in, out],
     e.g. HF GPT-2's Conv1D: its output channel is a column)
-  - `torch.addmm(b, x, W.t())`
+  - `torch.addmm(b, x, W.t())`, also with `alpha`/`beta` other than 1
+  - `torch.mm(x, W.t())`, `torch.mm(x, W)`
+  - the weight as the left operand: `W @ x`, `torch.matmul(W, x)`, `W.t() @ x`
+    (x is [..., K, tokens]; the rewrite transposes it, so the weight is still
+    scaled per output channel and the activation per token)
 Products of two activations (attention scores, attention-weighted values) are
 not sites: they stay in high precision.
 """
@@ -20,9 +24,9 @@ import torch.fx as fx
 from ..report import MatmulSite
 
 _LINEAR = {torch._C._nn.linear, torch.nn.functional.linear}
-_MATMUL = {operator.matmul, torch.matmul}
+_MATMUL = {operator.matmul, torch.matmul, torch.mm}
 _ADDMM = {torch.addmm}
-_MATMUL_METHODS = {"matmul", "__matmul__"}
+_MATMUL_METHODS = {"matmul", "__matmul__", "mm"}
 
 
 def _example(node):
@@ -88,14 +92,23 @@ def _transposed_param(node, params):
     return None
 
 
-def _weight_operand(node, params):
-    """(weight node, layout) for the right-hand operand of a matmul, or (None, None)."""
+def _weight_operand(node, params, side: str = "right"):
+    """(weight node, layout) for one operand of a matmul, or (None, None).
+
+    On the right (`x @ W`) a plain parameter is [in, out]; on the left
+    (`W @ x`) it is [out, in], as nn.Linear stores it.
+    """
+    plain, transposed = ("in_out", "out_in") if side == "right" else ("out_in", "in_out")
     if node in params:
-        return node, "in_out"
+        return node, plain
     src = _transposed_param(node, params)
     if src is not None:
-        return src, "out_in"
+        return src, transposed
     return None, None
+
+
+def _swap_last_two(shape: tuple) -> tuple:
+    return (*shape[:-2], shape[-1], shape[-2]) if len(shape) >= 2 else shape
 
 
 def _shape(node):
@@ -114,13 +127,13 @@ def _module_path(node, weight_name: str) -> str:
     return ""
 
 
-def site_operands(node):
+def site_operands(node, weight_side: str = "right"):
     """(activation, bias) of a matmul node, read from its current arguments."""
     if node.target in _ADDMM:
         return node.args[1], node.args[0]
     if node.target in _LINEAR:
         return node.args[0], node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    return node.args[0], None
+    return (node.args[1] if weight_side == "left" else node.args[0]), None
 
 
 # Higher-order ops whose body runs exactly as traced, so its matmuls can be
@@ -146,7 +159,7 @@ def _find_in_graph(gm, params, sites, hop_context):
         if hop is not None:
             activation_matmuls += _find_in_hop(gm, node, hop, params, sites, hop_context)
             continue
-        form = None
+        form, side, reason = None, "right", ""
         if node.op == "call_function" and node.target in _LINEAR:
             x, w = node.args[0], node.args[1]
             weight, layout, form = (w, "out_in", "linear") if w in params else (None, None, "linear")
@@ -156,31 +169,43 @@ def _find_in_graph(gm, params, sites, hop_context):
             x, rhs = node.args[0], node.args[1]
             form = "matmul"
             weight, layout = _weight_operand(rhs, params)
+            if weight is None:  # the weight as the left operand: W @ x
+                weight, layout = _weight_operand(x, params, side="left")
+                if weight is not None:
+                    x, side = rhs, "left"
         elif node.op == "call_function" and node.target in _ADDMM:
             x, rhs = node.args[1], node.args[2]
             form = "addmm"
             weight, layout = _weight_operand(rhs, params)
-            if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
-                weight = None
+            if weight is not None and node.kwargs.get("alpha", 1) == 0:
+                reason = "addmm with alpha=0: no product to quantize"
         if form is None:
             continue
         if weight is None:
             activation_matmuls += 1
             continue
-        _, bias = site_operands(node)
+        _, bias = site_operands(node, side)
         name = params[weight]
+        act_shape = _shape(x)
+        if side == "left":
+            if len(act_shape) < 2:
+                reason = reason or "weight times a vector (left operand): no token dimension to scale"
+            act_shape = _swap_last_two(act_shape)  # as the rewrite multiplies it: [..., tokens, K]
         site = MatmulSite(
             node=node.name,
             op=form,
             module_path=_module_path(node, name),
             weight_name=name,
-            act_shape=_shape(x),
+            act_shape=act_shape,
             weight_shape=_shape(weight),
             weight_layout=layout,
             has_bias=bias is not None,
             dtype=getattr(_example(weight), "dtype", None),
             fx_nodes=(node, None, weight, None),
             graph_module=gm,
+            weight_side=side,
+            addmm_alpha_beta=(node.kwargs.get("alpha", 1), node.kwargs.get("beta", 1)) if form == "addmm" else (1, 1),
+            reason=reason,
         )
         if hop_context is not None and hop_context not in _TRANSPARENT_HOPS:
             site.reason = _HOP_REASONS.get(hop_context, f"inside higher-order op {hop_context}")

@@ -53,10 +53,17 @@ def _rewrite_one(graph: fx.Graph, site, config, shared: dict) -> tuple:
     """
     matmul, _, weight, _ = site.fx_nodes
     # Read the operands now: an earlier rewrite may have replaced the activation's producer.
-    x, bias = site_operands(matmul)
+    x, bias = site_operands(matmul, site.weight_side)
+    alpha, beta = site.addmm_alpha_beta
+    gemm_bias = bias if (alpha, beta) == (1, 1) else None  # else applied after the product, below
     out_dtype = matmul.meta["example_value"].dtype if "example_value" in matmul.meta else torch.float32
     inserted, roles, new_nodes = [], {}, []
     with graph.inserting_before(matmul):
+        if site.weight_side == "left":
+            # W @ x == (x^T @ W^T)^T: x^T's rows are the tokens, so it is quantized
+            # per token and W per output channel, as for x @ W^T.
+            x = graph.call_method("transpose", (x, -2, -1))
+            new_nodes.append(x)
         if x in shared:
             x_q, x_s, residual, act_roles = shared[x]
             roles.update(act_roles)
@@ -79,7 +86,7 @@ def _rewrite_one(graph: fx.Graph, site, config, shared: dict) -> tuple:
         # Both operands on an FP8-representable grid: CUDA may run the GEMMs in FP8.
         fp8_grid = config.act_fmt is not None and config.weight_fmt is not None
         y = graph.call_function(
-            linear_ops.fp4_gemm_op, (x_q, x_s, w_q, w_s, bias, config.grad_fmt, out_dtype, fp8_grid)
+            linear_ops.fp4_gemm_op, (x_q, x_s, w_q, w_s, gemm_bias, config.grad_fmt, out_dtype, fp8_grid)
         )
         roles["gemm"] = y
         site_nodes = [wq, y]
@@ -91,6 +98,16 @@ def _rewrite_one(graph: fx.Graph, site, config, shared: dict) -> tuple:
             y = graph.call_function(operator.add, (y, comp))
             roles.update(compensate=comp, add=y, shape=x_shape)
             site_nodes += [comp]
+        if (alpha, beta) != (1, 1):  # addmm(b, x, W, beta=, alpha=) = beta * b + alpha * (x @ W)
+            if alpha != 1:
+                y = graph.call_function(operator.mul, (y, alpha))
+                site_nodes.append(y)
+            if beta != 0 and bias is not None:  # beta == 0 ignores b, NaN included (as addmm does)
+                y = graph.call_function(torch.add, (y, bias), {"alpha": beta})
+                site_nodes.append(y)
+        if site.weight_side == "left":
+            y = graph.call_method("transpose", (y, -2, -1))
+            site_nodes.append(y)
     inserted += site_nodes
     for node in new_nodes + site_nodes + [y]:
         node.meta["nn_module_stack"] = matmul.meta.get("nn_module_stack", {})
