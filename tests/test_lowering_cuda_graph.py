@@ -3,7 +3,8 @@
 `target="cuda"` forces the CUDA lowering on CPU tensors: the GEMM stays the
 reference op (no FP8 tensor cores here, and the report says so) and the OCC clamp
 becomes the Triton-threshold op, which falls back to the reference forward off
-CUDA. The compiled model must then equal the semantic graph in float64, and the
+CUDA, and the compensation becomes the channel-GEMM op (`cuda_compensation`),
+which computes the reference's sums in another order. The compiled model must then equal the semantic graph in float64, and the
 report must name the lowering. (On a GPU, `tests/test_cuda_path.py` checks the
 FP8 GEMMs themselves.)
 """
@@ -36,6 +37,7 @@ def test_cuda_lowering_on_cpu_tensors_equals_semantic_graph_float64():
     sites = reports[0].quantized
     assert sites and all(site.lowering.startswith("cuda: float32 GEMMs") for site in sites)
     assert all("Triton OCC thresholds" in site.lowering for site in sites)
+    assert all("channel-GEMM OCC compensation" in site.lowering for site in sites)
     assert torch.allclose(loss, ref_loss, rtol=1e-12)
     for g, g_ref in zip(grads, ref_grads):
         assert torch.allclose(g, g_ref, rtol=1e-9, atol=1e-12)

@@ -9,10 +9,14 @@ unaligned token count in the weight gradient). The row-scope OCC clamp takes its
 thresholds and sparse residual from one Triton pass (`triton_kernels`) instead
 of two aten top-k calls and a gather.
 
-The compensation stays the semantic sparse op here; making it a GEMM over
-outlier channels is the CUDA design's next step.
+The OCC compensation becomes `cuda_compensation.channel_compensate_op`: the
+same sums, with the residual on its most populated channels multiplied by dense
+BF16 GEMMs (forward and weight gradient) and only the entries outside those
+channels left to the sparse gather/scatter (docs/cuda.md).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.fx as fx
@@ -22,6 +26,7 @@ from ..runtime import linear_ops
 from ..runtime.occ import occ_split
 from ..runtime.quantize import compute_dtype
 from . import cuda_gemm
+from .cuda_compensation import channel_compensate_op
 
 
 def _forward_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype):
@@ -91,6 +96,33 @@ def triton_occ_clamp_op(x, alpha_num: int, alpha_den: int, scope: str):
     return _TritonOccClamp.apply(x, alpha_num, alpha_den, scope)
 
 
+# None: ask the current device whether it has FP8 tensor cores. True/False:
+# lower as if it had (or had not) them, so that the graph an H100/H200 would run
+# can be built and inspected on a CPU (`inspection/roofline.py`, the tests).
+_ASSUME_FP8_TENSOR_CORES: bool | None = None
+
+
+@contextlib.contextmanager
+def assume_fp8_tensor_cores(value: bool = True):
+    """Lower as if the device had (value=True) or lacked FP8 tensor cores.
+
+    Only the graph changes: the FP8 GEMM op still checks each call's tensors
+    (`cuda_gemm.fp8_gemm_applies`) and runs the reference where they do not fit.
+    """
+    global _ASSUME_FP8_TENSOR_CORES
+    previous, _ASSUME_FP8_TENSOR_CORES = _ASSUME_FP8_TENSOR_CORES, bool(value)
+    try:
+        yield
+    finally:
+        _ASSUME_FP8_TENSOR_CORES = previous
+
+
+def _has_fp8_tensor_cores() -> bool:
+    if _ASSUME_FP8_TENSOR_CORES is not None:
+        return _ASSUME_FP8_TENSOR_CORES
+    return cuda_gemm.supports_fp8_gemm()
+
+
 def lower_graph(graph: fx.Graph, sites, config) -> None:
     """Lower the rewritten sites of one graph for CUDA."""
     for site in sites:
@@ -101,7 +133,7 @@ def _lower_site(site) -> None:
     roles = site.rewritten
     gemm = roles["gemm"]
     parts = []
-    if gemm.args[7] and cuda_gemm.supports_fp8_gemm():
+    if gemm.args[7] and _has_fp8_tensor_cores():
         gemm.target = fp8_gemm_op
         parts.append("FP8 tensor-core GEMMs")
     else:
@@ -109,4 +141,8 @@ def _lower_site(site) -> None:
     if roles.get("clamp") is not None:
         roles["clamp"].target = triton_occ_clamp_op
         parts.append("Triton OCC thresholds")
+    if roles.get("compensate") is not None:
+        # Same arguments, same sums (tests/test_cuda_path.py checks it against the reference).
+        roles["compensate"].target = channel_compensate_op
+        parts.append("channel-GEMM OCC compensation")
     site.lowering = "cuda: " + ", ".join(parts)
