@@ -19,6 +19,9 @@ Two tables, Markdown, from one run on one GPU:
     python benchmarks/linear.py --shapes 4096,4096,4096 --recipes paper
     python benchmarks/linear.py --device cpu --small    # smoke test on CPU (Triton interpreter)
 
+`benchmarks/gpu_check.py` (`make gpu-check`) calls `run` and prints the roofline
+prediction (`fp4compile.inspection.roofline`) beside each measured time.
+
 On CPU (--device cpu) the timings mean nothing: the mode exists to check that
 the script runs. It needs --small, runs tiny shapes, and runs the Triton
 kernels in the interpreter.
@@ -114,13 +117,20 @@ def linear_step(layer, fn, x, grad_out):
     return step
 
 
-def time_linears(args, device, timer):
-    """Table 1 rows: {shape: {variant: (ms, uses_scaled_mm) or error string}}."""
+def time_linears(args, device, timer, deadline=None):
+    """Table 1 rows: {shape: {variant: (ms, uses_scaled_mm) or error string}}.
+
+    `deadline` (a time.monotonic() value): shapes not started by then are
+    reported as not run, so a bounded check (benchmarks/gpu_check.py) ends in time.
+    """
     import torch
     from torch._inductor.utils import run_and_get_code
 
     results = {}
     for m, k, n in args.shapes:
+        if deadline is not None and time.monotonic() > deadline:
+            results[(m, k, n)] = {v: "not run: time budget spent" for v in ["bf16", *args.recipes]}
+            continue
         torch.manual_seed(0)
         base = torch.nn.Linear(k, n, bias=False).to(device, torch.bfloat16)
         x = torch.randn(m, k, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -200,13 +210,16 @@ def topk_occ_reference(alpha):
     return occ_quantize
 
 
-def time_kernels(args, device, timer, copy_gbs):
+def time_kernels(args, device, timer, copy_gbs, deadline=None):
     import torch
 
     rows = []
     seen = set()
     compiled_ref = torch.compile(topk_occ_reference(args.alpha), backend="inductor") if device == "cuda" else None
     for m, k, n in args.shapes:
+        if deadline is not None and time.monotonic() > deadline:
+            rows.append(("(rest not run: time budget spent)", f"{m}x{k}x{n}", "", "", ""))
+            continue
         for name, shape, fn, nbytes in kernel_cases(m, k, n, args.alpha, device):
             if (name, shape) in seen:
                 continue
@@ -254,15 +267,12 @@ def format_linear_table(results, recipes) -> str:
     return markdown_table(header, rows)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.device == "cpu":
-        # Before anything defines the Triton kernels: on CPU they run interpreted.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    import torch
+def run(args, linear_deadline=None, kernel_deadline=None) -> dict:
+    """Both tables as data: {"linear": {shape: {variant: (ms, fp8) | text}}, "copy_gbs", "kernels": rows}.
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("benchmarks/linear.py: no CUDA GPU is available; run with --device cpu --small for a CPU smoke test")
+    Prints the tables as it goes (Markdown), as `main` always has.
+    """
+    import torch
     import triton
 
     import fp4compile  # noqa: F401  (registers the fp4 backend)
@@ -276,15 +286,29 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, triton {triton.__version__}, "
           f"FP8 tensor cores: {'yes' if supports_fp8_gemm() else 'no'}; "
           f"median of {args.iters} steps after {args.warmup} warm-up steps.\n")
-    results = time_linears(args, device, timer)
-    print(format_linear_table(results, args.recipes))
+    out = {"device": gpu, "linear": time_linears(args, device, timer, linear_deadline), "kernels": [],
+           "copy_gbs": None}
+    print(format_linear_table(out["linear"], args.recipes), flush=True)
     if not args.no_kernels:
-        copy_gbs = copy_bandwidth_gbs(device, timer, args.small)
-        print(f"\n## Quantization kernels (copy bandwidth ceiling: {copy_gbs:.0f} GB/s, torch.clone)\n")
-        rows = time_kernels(args, device, timer, copy_gbs)
-        print(markdown_table(["kernel", "operand", "ms", "GB/s", "of copy"], rows))
+        out["copy_gbs"] = copy_bandwidth_gbs(device, timer, args.small)
+        print(f"\n## Quantization kernels (copy bandwidth ceiling: {out['copy_gbs']:.0f} GB/s, torch.clone)\n")
+        out["kernels"] = time_kernels(args, device, timer, out["copy_gbs"], kernel_deadline)
+        print(markdown_table(["kernel", "operand", "ms", "GB/s", "of copy"], out["kernels"]), flush=True)
     if device == "cpu":
         print("\n(CPU smoke test: the numbers above are not performance measurements.)")
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == "cpu":
+        # Before anything defines the Triton kernels: on CPU they run interpreted.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("benchmarks/linear.py: no CUDA GPU is available; run with --device cpu --small for a CPU smoke test")
+    run(args)
     return 0
 
 
