@@ -32,6 +32,8 @@ summation order of the tensor cores and the output rounding differ.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..runtime.quantize import quantize_gradient
@@ -53,6 +55,29 @@ __all__ = [
 FP8_MIN_CAPABILITY = (8, 9)
 # cuBLASLt FP8 GEMMs need 16-byte aligned leading dimensions: multiples of 16 elements.
 GEMM_ALIGNMENT = 16
+
+
+# Set only by `admit_cpu_tensors`: CPU tensors then count as FP8-capable where
+# this torch build has a CPU `_scaled_mm`, so that the aten graph of the FP8
+# path can be traced and run on a CPU (tests, inspection).
+_ADMIT_CPU_TENSORS = False
+
+
+@contextlib.contextmanager
+def admit_cpu_tensors():
+    """Let the FP8 GEMM path take CPU tensors (torch's CPU `_scaled_mm`): for tests on CPU."""
+    global _ADMIT_CPU_TENSORS
+    previous, _ADMIT_CPU_TENSORS = _ADMIT_CPU_TENSORS, True
+    try:
+        yield
+    finally:
+        _ADMIT_CPU_TENSORS = previous
+
+
+def _on_fp8_device(t: torch.Tensor) -> bool:
+    if t.is_cuda:
+        return supports_fp8_gemm(t.device)
+    return _ADMIT_CPU_TENSORS and t.device.type == "cpu" and hasattr(torch, "_scaled_mm")
 
 
 def supports_fp8_gemm(device=None) -> bool:
@@ -77,7 +102,7 @@ def fp8_gemm_applies(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor
     on a CUDA device with FP8 tensor cores; K and N multiples of 16. (M is the
     weight gradient's reduction dimension: see `scaled_gradient_gemm`.)
     """
-    if x_q.dim() != 2 or w_q.dim() != 2 or not (x_q.is_cuda and w_q.is_cuda):
+    if x_q.dim() != 2 or w_q.dim() != 2 or x_q.device != w_q.device:
         return False
     if torch.float64 in (x_q.dtype, w_q.dtype):
         return False  # float64 models are for exact comparisons: keep the float64 emulation
@@ -86,16 +111,16 @@ def fp8_gemm_applies(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor
         return False
     if k % GEMM_ALIGNMENT or n % GEMM_ALIGNMENT:
         return False
-    return supports_fp8_gemm(x_q.device)
+    return _on_fp8_device(x_q)
 
 
 def fp8_gradient_applies(q: torch.Tensor, scale: torch.Tensor) -> bool:
     """Whether `gradient_gemm(g, q, scale, "e5m2")` can run in FP8: q [R, C] grid values
     (caller's knowledge) on an FP8-capable CUDA device, a row or tensor scale, not
     float64. Unaligned R or C are handled inside `fp8_gradient_gemm` (float32 path)."""
-    if q.dim() != 2 or not q.is_cuda or q.dtype == torch.float64:
+    if q.dim() != 2 or q.dtype == torch.float64:
         return False
-    return _is_vector_scale(scale, q.shape[0]) and supports_fp8_gemm(q.device)
+    return _is_vector_scale(scale, q.shape[0]) and _on_fp8_device(q)
 
 
 def to_e4m3(values: torch.Tensor) -> torch.Tensor:
