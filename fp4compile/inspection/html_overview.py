@@ -14,10 +14,12 @@ them. This module builds the view a person reads first:
   the same module branch, so a block's first op is not drawn in the block
   before it.
 * **Boxes.** Every group belongs to the innermost module of its node's
-  ``nn_module_stack`` meta. The module tree is cut into boxes: a module is a
-  box unless its subtree holds more than :data:`MAX_SITES_PER_BOX` matmul
-  sites (a ``ModuleList`` of blocks, the model itself), in which case its
-  children are boxes and its own nodes, if any, make a box of their own.
+  ``nn_module_stack`` meta. The module tree is cut into boxes from the root
+  down: a module is one box unless it is the root, a container without nodes
+  of its own and with several numbered children (a ``ModuleList`` of blocks), or its
+  subtree holds more than :data:`MAX_SITES_PER_BOX` matmul sites; then its
+  children are cut in turn and its own nodes, if any, make a box of their own
+  (the root's: "(top level)", the graph inputs and output).
 * **Sites.** Each site row goes to the box of the longest module path that
   prefixes its module (the root box when none does), and is listed there with
   its decision: quantized, or high precision and the reason.
@@ -150,7 +152,7 @@ def module_path(node: torch.fx.Node) -> str:
 
 
 def _normalise_path(path: str) -> str:
-    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
+    path = re.sub(r"^L\['[^']*'\]", "", path)
     path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
     path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path)
     return path.strip(".")
@@ -282,7 +284,10 @@ def build_overview(
 
     def cut(path: str) -> None:
         kids = children[path]
-        if kids and (not path or sites_in[path] > MAX_SITES_PER_BOX):
+        # A ModuleList or Sequential: numbered children and no nodes of its own.
+        container = not own_groups[path] and len(kids) > 1 and all(
+            kid.rsplit(".", 1)[-1].isdigit() for kid in kids)
+        if kids and (not path or container or sites_in[path] > MAX_SITES_PER_BOX):
             if own_groups[path] or not path:
                 box_paths.append(path)
             for kid in kids:
@@ -468,7 +473,8 @@ def _render_box_svg(overview: GraphOverview, box: ModuleBox, graph_html) -> str:
             source = name[len(_EXTERNAL_PREFIX):]
             from_box = overview.box_of_group[source] or TOP_LEVEL_LABEL
             tooltip = f"input from {from_box}: {source}"
-            label = "\u2191 " + graph_html._truncate(source, graph_html._LABEL_CHARS - 2)
+            shown = display_name(overview.groups[source], overview.box_of_group[source])
+            label = "\u2191 " + graph_html._truncate(shown, graph_html._LABEL_CHARS - 2)
             parts.append(
                 f'<g class="onode external" data-group="{esc(name)}" data-kind="external" '
                 f'transform="translate({x:.1f},{y:.1f})"><title>{esc(tooltip)}</title>'
@@ -622,9 +628,13 @@ OVERVIEW_SCRIPT = """
       scroller.scrollLeft += first.left - frame.left - frame.width / 2;
     });
   }
-  if (location.hash.length > 1) {
-    input.value = decodeURIComponent(location.hash.slice(1));
-    apply();
+  function fromFragment() {
+    if (location.hash.length > 1) {
+      input.value = decodeURIComponent(location.hash.slice(1));
+      apply();
+    }
   }
+  window.addEventListener("hashchange", fromFragment);
+  fromFragment();
 })();
 """.strip()
