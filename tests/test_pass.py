@@ -137,9 +137,9 @@ def test_state_dict_and_parameters_unchanged():
 
 def test_options_errors_name_the_option():
     m = nn.Linear(16, 16)
-    with pytest.raises(Exception, match=r"occ_alpha=1\.5.*\(0\.5, 1\)"):
+    with pytest.raises(fp4compile.Fp4OptionsError, match=r"occ_alpha=1\.5.*\(0\.5, 1\)"):
         torch.compile(m, backend="fp4_eager", options={"occ_alpha": 1.5})(torch.randn(2, 16))
-    with pytest.raises(Exception, match="recipe='nope'.*valid recipes: paper"):
+    with pytest.raises(fp4compile.Fp4OptionsError, match="recipe='nope'.*valid recipes: paper"):
         torch.compile(m, backend="fp4_eager", options={"recipe": "nope"})(torch.randn(2, 16))
-    with pytest.raises(Exception, match="unknown option.*'colour'.*valid options: recipe"):
+    with pytest.raises(fp4compile.Fp4OptionsError, match="unknown option.*'colour'.*valid options: recipe"):
         torch.compile(m, backend="fp4_eager", options={"colour": 1})(torch.randn(2, 16))

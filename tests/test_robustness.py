@@ -170,8 +170,10 @@ def test_bad_options_fail_at_first_compile_naming_option_and_valid_values(option
     calls = []
     model.register_forward_pre_hook(lambda *a: calls.append(1))
     compiled = torch.compile(model, backend=BACKEND, options=options)  # nothing runs yet
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(fp4compile.Fp4OptionsError, match=message) as caught:
         compiled(torch.randn(2, 32))
+    assert type(caught.value) is fp4compile.Fp4OptionsError  # not dynamo's BackendCompilerFailed
+    assert isinstance(caught.value, ValueError)
     assert fp4compile.reports() == []  # failed before any pass or computation
     if "skip" not in options:
         with pytest.raises(ValueError, match=message):
