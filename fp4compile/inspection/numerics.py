@@ -59,7 +59,7 @@ PAPER_OCC_TABLE = (
 assert [r["setting"] for r in PAPER_OCC_TABLE] == [row[0] for row in OCC_STUDY]
 
 _LINEAR_FUNCS = {F.linear, torch._C._nn.linear}
-_MATMUL_FUNCS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
+_MATMUL_FUNCS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm}
 _ADDMM_FUNCS = {torch.addmm, torch.Tensor.addmm}
 
 
@@ -111,7 +111,11 @@ class _OperandRecorder(TorchFunctionMode):
             param, weight = self._parameter_of(args[1])
             if param is not None:
                 self._record(param, args[0], weight, None)
-        elif func in _ADDMM_FUNCS and len(args) >= 3 and kwargs.get("beta", 1) == 1 and kwargs.get("alpha", 1) == 1:
+            else:  # W @ x: the site multiplies x^T by W^T, W as stored is [out, in]
+                param, weight_t = self._parameter_of(args[0])
+                if param is not None and isinstance(args[1], torch.Tensor) and args[1].dim() >= 2:
+                    self._record(param, args[1].transpose(-2, -1), weight_t.t(), None)
+        elif func in _ADDMM_FUNCS and len(args) >= 3:
             param, weight = self._parameter_of(args[2])
             if param is not None:
                 self._record(param, args[1], weight, args[0])
