@@ -674,6 +674,11 @@ def test_expanding_a_block_shows_its_inserted_nodes(chromium, demo: DemoDump) ->
             "node => node.scrollIntoView({block: 'center'})")
         screenshot = page.screenshot()
         other_open = page.locator('.module-box[data-module="layers.1"] details[open]').count()
+        page.click("#expand-all")
+        open_after_expand_all = page.locator(".module-box details.module-detail[open]").count()
+        page.click("#collapse-all")
+        open_after_collapse_all = page.locator(".module-box details.module-detail[open]").count()
+        expandable = page.locator(".module-box details.module-detail").count()
     finally:
         page.close()
 
@@ -683,6 +688,8 @@ def test_expanding_a_block_shows_its_inserted_nodes(chromium, demo: DemoDump) ->
     assert all(shown.values()) and all(inside)
     assert width_after > 2 * width_before  # an open block takes the whole row
     assert other_open == 0
+    assert expandable == len(demo.overview().boxes)
+    assert (open_after_expand_all, open_after_collapse_all) == (expandable, 0)
     _save_screenshot(screenshot, "graph_view_expanded.png")
 
 
