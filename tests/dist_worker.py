@@ -10,21 +10,30 @@ Two ways to run it:
     python -m torch.distributed.run --standalone --nproc-per-node 2 \
         tests/dist_worker.py dist --out DIR
 
-Every run trains the tiny LLaMA (float64, no autocast) for STEPS steps of plain
-SGD on one fixed global batch, compiled with ``--backend`` (``fp4_aot_eager``
-by default), once per entry of CONFIGS. Each rank of a distributed run takes a
-contiguous equal share of the global batch. Results land in DIR/<config>/: a
-JSON file per process (loss curve, what fp4compile reported) and the final full
-(gathered) parameters, for the test to compare.
+Every run trains the tiny LLaMA (float64, no autocast; ``--layers`` blocks, 2
+by default) for STEPS steps of plain SGD on one fixed global batch, compiled
+with ``--backend`` (``fp4_aot_eager`` by default, or ``fp4``: the product
+backend, Inductor included), once per entry of CONFIGS. Each rank of a
+distributed run takes a contiguous equal share of the global batch. Results
+land in DIR/<config>/: a JSON file per process (loss curve, what fp4compile
+reported) and the final full (gathered) parameters, for the test to compare.
+
+    # the product backend on a one-block model (what the test runs with Inductor)
+    python tests/dist_worker.py single --out DIR --backend fp4 --layers 1
+    python -m torch.distributed.run --standalone --nproc-per-node 2 \
+        tests/dist_worker.py dist --out DIR --backend fp4 --layers 1 --ddp-bucket-mb 25 --no-checkpoint
 
 Inside every process the script asserts that fp4compile.reports() shows
 exactly the expected linear layers quantized: a run that silently fell back to
 high precision (say, because the pass no longer recognised DDP's or FSDP2's
-parameters as weights) fails here, whatever its losses.
+parameters as weights) fails here, whatever its losses. With ``--backend fp4``
+it also asserts that the CPU lowering ran on every site and that Inductor's
+generated code holds the quantization (the OCC top-k, the E5M2 gradient casts).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -67,7 +76,15 @@ BLOCK_LINEARS = tuple(
 )
 # Whole-model graphs (one process, DDP) name them in full. lm_head stays in
 # high precision everywhere (the recipe's default skip list).
-MODEL_LINEARS = tuple(f"layers.{i}.{name}" for i in range(preset("tiny").n_layers) for name in BLOCK_LINEARS)
+TINY_LAYERS = preset("tiny").n_layers
+
+
+def model_linears(n_layers: int = TINY_LAYERS) -> tuple[str, ...]:
+    """The quantized weights of a whole-model graph of the tiny LLaMA with `n_layers` blocks."""
+    return tuple(f"layers.{i}.{name}" for i in range(n_layers) for name in BLOCK_LINEARS)
+
+
+MODEL_LINEARS = model_linears()
 
 
 def global_batch() -> torch.Tensor:
@@ -76,13 +93,13 @@ def global_batch() -> torch.Tensor:
     return torch.randint(0, 256, (GLOBAL_BATCH, SEQ_LEN + 1), generator=gen)
 
 
-def build_model() -> Llama:
+def build_model(n_layers: int = TINY_LAYERS) -> Llama:
     # float64: FP4 rounding is a step function, so a float32 summation-order
     # difference (the all-reduce sums in another order than one process's GEMM)
     # can flip a code next to a threshold and move the curve chaotically; in
     # float64 such differences are ~1e-16 and the comparison means something.
     torch.manual_seed(MODEL_SEED)
-    return Llama(preset("tiny")).double()
+    return Llama(dataclasses.replace(preset("tiny"), n_layers=n_layers)).double()
 
 
 def quantized_report(tag: str, expected) -> dict:
@@ -92,6 +109,38 @@ def quantized_report(tag: str, expected) -> dict:
     summary = {"graphs": len(reports), "quantized": quantized, "summaries": [r.summary() for r in reports]}
     assert quantized == sorted(expected), f"[{tag}] expected {sorted(expected)} quantized, got {summary}"
     return summary
+
+
+def check_product_backend(tag: str, backend: str, code: list[str]) -> dict:
+    """With backend "fp4": the CPU lowering ran on every quantized site, and the code holds the quantization.
+
+    `code` is Inductor's generated Python for every graph compiled during the
+    run (`run_and_get_code`). A compile that silently fell back to the plain
+    model would have no OCC top-k and no E5M2 cast in it.
+    """
+    if backend != "fp4":
+        return {}
+    from fp4compile.lowering.cpu import LOWERING_NAME
+
+    lowerings = sorted({s.lowering for r in fp4compile.reports() for s in r.quantized})
+    found = {
+        "modules": len(code),
+        "lowerings": lowerings,
+        "occ_topk": any("topk" in text for text in code),
+        "e5m2_cast": any("Float8_e5m2" in text for text in code),
+    }
+    assert lowerings == [LOWERING_NAME], f"[{tag}] sites lowered as {lowerings}"
+    assert found["occ_topk"] and found["e5m2_cast"], f"[{tag}] generated code lacks the quantization: {found}"
+    return found
+
+
+def run_and_get_code(backend: str, fn):
+    """fn() and, for the Inductor backend, the code Inductor generated meanwhile (else [])."""
+    if backend != "fp4":
+        return fn(), []
+    from torch._inductor.utils import run_and_get_code as inductor_run_and_get_code
+
+    return inductor_run_and_get_code(fn)
 
 
 def train(compiled, params_module, rank: int, world: int, on_step=None) -> list[float]:
@@ -123,36 +172,40 @@ def _params(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def run_single(out: Path, backend: str, options: dict) -> dict:
+def run_single(out: Path, backend: str, options: dict, n_layers: int) -> dict:
     fp4compile.reset()
-    model = build_model()
+    model = build_model(n_layers)
     compiled = torch.compile(model, backend=backend, options=options)
-    losses = train(compiled, model, rank=0, world=1)
+    losses, code = run_and_get_code(backend, lambda: train(compiled, model, rank=0, world=1))
     torch.save(_params(model), out / "single_params.pt")
-    return {"losses": losses, "report": quantized_report("single", MODEL_LINEARS)}
+    return {"losses": losses, "report": quantized_report("single", model_linears(n_layers)),
+            "inductor": check_product_backend("single", backend, code)}
 
 
-def run_ddp(out: Path, backend: str, options: dict, rank: int, world: int) -> dict:
+def run_ddp(out: Path, backend: str, options: dict, rank: int, world: int, n_layers: int, bucket_mb: float) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     fp4compile.reset()
-    model = build_model()
+    model = build_model(n_layers)
     # Small gradient buckets, so that dynamo's DDPOptimizer splits the graph at
     # bucket boundaries into several pieces, as it does for any real model, and
     # the pass has to find the weights in each piece. DDPOptimizer requires the
     # first bucket to be no larger than the others and reads its cap from this
-    # module constant (1 MiB, more than this whole model).
-    torch.distributed._DEFAULT_FIRST_BUCKET_BYTES = 100_000
-    ddp = DDP(model, bucket_cap_mb=0.1)
+    # module constant (1 MiB, more than this whole model). `bucket_mb` 25 (DDP's
+    # default) keeps the tiny model in one bucket: one graph, one Inductor compile.
+    torch.distributed._DEFAULT_FIRST_BUCKET_BYTES = min(int(bucket_mb * 2**20), 2**20)
+    ddp = DDP(model, bucket_cap_mb=bucket_mb)
     # Compile the DDP wrapper (the order PyTorch recommends).
     compiled = torch.compile(ddp, backend=backend, options=options)
-    losses = train(compiled, ddp, rank, world)
-    report = quantized_report(f"ddp rank {rank}", MODEL_LINEARS)
+    losses, code = run_and_get_code(backend, lambda: train(compiled, ddp, rank, world))
+    report = quantized_report(f"ddp rank {rank}", model_linears(n_layers))
     torch.save(_params(model), out / f"ddp_params_rank{rank}.pt")
-    return {"losses": losses, "report": report}
+    return {"losses": losses, "report": report, "inductor": check_product_backend(f"ddp rank {rank}", backend, code)}
 
 
-def run_fsdp2(out: Path, backend: str, options: dict, rank: int, world: int, save_checkpoint: bool) -> dict:
+def run_fsdp2(
+    out: Path, backend: str, options: dict, rank: int, world: int, n_layers: int, save_checkpoint: bool
+) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
@@ -160,7 +213,7 @@ def run_fsdp2(out: Path, backend: str, options: dict, rank: int, world: int, sav
     from torch.distributed.tensor import DTensor
 
     fp4compile.reset()
-    model = build_model()
+    model = build_model(n_layers)
     mesh = init_device_mesh("cpu", (world,))
     for block in model.layers:
         fully_shard(block, mesh=mesh)
@@ -179,7 +232,7 @@ def run_fsdp2(out: Path, backend: str, options: dict, rank: int, world: int, sav
         if rank == 0:
             torch.save(full, out / "fsdp_full_at_ckpt.pt")
 
-    losses = train(compiled, model, rank, world, on_step=checkpoint)
+    losses, code = run_and_get_code(backend, lambda: train(compiled, model, rank, world, on_step=checkpoint))
     # Under FSDP2 the root forward's loop over the blocks breaks the graph at
     # every FSDP module (dynamo skips FSDP2's hooks, and a graph break inside a
     # loop makes it run that whole frame eagerly), so what gets compiled is each
@@ -191,7 +244,7 @@ def run_fsdp2(out: Path, backend: str, options: dict, rank: int, world: int, sav
     # Weights are quantized per output row of the *full* (all-gathered) weight:
     # the captured graph's weight operand has the unsharded [out, in] shape, not
     # the [out / world, in] shard this rank stores.
-    block = build_model().layers[0]
+    block = build_model(1).layers[0]
     shapes = {s.weight_name: tuple(s.weight_shape) for r in fp4compile.reports() for s in r.quantized}
     for name, shape in shapes.items():
         full_shape = tuple(block.get_parameter(name).shape)
@@ -202,7 +255,8 @@ def run_fsdp2(out: Path, backend: str, options: dict, rank: int, world: int, sav
     full = get_model_state_dict(model, options=full_options)
     if rank == 0:
         torch.save(full, out / "fsdp_params.pt")
-    return {"losses": losses, "report": report, "quantized_weight_shapes": {k: list(v) for k, v in shapes.items()}}
+    return {"losses": losses, "report": report, "quantized_weight_shapes": {k: list(v) for k, v in shapes.items()},
+            "inductor": check_product_backend(f"fsdp2 rank {rank}", backend, code)}
 
 
 def main() -> None:
@@ -211,6 +265,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--backend", default="fp4_aot_eager")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--layers", type=int, default=TINY_LAYERS, help="transformer blocks of the tiny LLaMA")
+    parser.add_argument("--ddp-bucket-mb", type=float, default=0.1,
+                        help="DDP gradient bucket size; 0.1 splits the tiny model's graph into several pieces")
+    parser.add_argument("--no-checkpoint", action="store_true", help="no distributed checkpoint in the FSDP2 run")
     args = parser.parse_args()
     # One thread per process: two ranks share two cores, and the one-process
     # reference uses the same GEMM threading as each rank.
@@ -221,13 +279,13 @@ def main() -> None:
             out = args.out / name
             out.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
-            result = run_single(out, args.backend, CONFIGS[name])
+            result = run_single(out, args.backend, CONFIGS[name], args.layers)
             result["seconds"] = time.perf_counter() - t0
             (out / "single.json").write_text(json.dumps(result, indent=1))
         # Control: the same training uncompiled, in high precision. The FP4 curves must
         # be measurably apart from it, or comparing curves could not tell a run
         # that silently fell back to high precision from one that did not.
-        plain = build_model()
+        plain = build_model(args.layers)
         control = {"losses": train(plain, plain, rank=0, world=1)}
         (args.out / "high_precision.json").write_text(json.dumps(control, indent=1))
         return
@@ -242,10 +300,12 @@ def main() -> None:
             out = args.out / name
             out.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
-            result = {"world": world, "ddp": run_ddp(out, args.backend, CONFIGS[name], rank, world)}
+            result = {"world": world,
+                      "ddp": run_ddp(out, args.backend, CONFIGS[name], rank, world, args.layers, args.ddp_bucket_mb)}
             dist.barrier()
             t1 = time.perf_counter()
-            result["fsdp2"] = run_fsdp2(out, args.backend, CONFIGS[name], rank, world, name == CKPT_CONFIG)
+            save_checkpoint = name == CKPT_CONFIG and not args.no_checkpoint
+            result["fsdp2"] = run_fsdp2(out, args.backend, CONFIGS[name], rank, world, args.layers, save_checkpoint)
             dist.barrier()
             result["seconds"] = {"ddp": t1 - t0, "fsdp2": time.perf_counter() - t1}
             (out / f"dist_rank{rank}.json").write_text(json.dumps(result, indent=1))
