@@ -343,7 +343,6 @@ def render_overview(overview: GraphOverview) -> str:
     """The overview section: toolbar (search, expand/collapse all) and the grid of boxes."""
     from . import html as graph_html  # the layout, shapes and kind styles of the full drawing
 
-    esc = graph_html._escape
     folded = overview.node_count - len(overview.groups)
     n_sites = sum(len(box.sites) for box in overview.boxes)
     n_quantized = sum(site_is_quantized(row) for box in overview.boxes for row in box.sites)
