@@ -10,7 +10,8 @@ A dump folder holds one subfolder per graph (`graph_0/`, `graph_1/`, ...):
                  on the compensated activation
     sites.md     the site table, one row per matmul site, with the decision
     sites.csv    the same, machine-readable (M, K, N in separate columns)
-    graph.html   the rewritten graph drawn with the inserted and skipped nodes marked
+    graph.html   the rewritten graph: a module overview (each module's sites and decisions,
+                 expandable to the inserted nodes) and, collapsed, the full drawing
                  (the top-level graph; higher-order-op bodies are in the code files)
 
 and an `index.md` listing the graphs with their summaries.
