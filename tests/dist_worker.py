@@ -23,6 +23,11 @@ reported) and the final full (gathered) parameters, for the test to compare.
     python -m torch.distributed.run --standalone --nproc-per-node 2 \
         tests/dist_worker.py dist --out DIR --backend fp4 --layers 1 --ddp-bucket-mb 25 --no-checkpoint
 
+Then, to print (and with --json write) how far each distributed run is from one
+process, the figures docs/distributed.md quotes:
+
+    python tests/dist_worker.py compare --out DIR [--layers N] [--json FILE]
+
 Inside every process the script asserts that fp4compile.reports() shows
 exactly the expected linear layers quantized: a run that silently fell back to
 high precision (say, because the pass no longer recognised DDP's or FSDP2's
@@ -259,9 +264,48 @@ def run_fsdp2(
             "inductor": check_product_backend(f"fsdp2 rank {rank}", backend, code)}
 
 
+def compare(out: Path, n_layers: int) -> dict:
+    """How far each distributed run is from one process: the figures the test bounds.
+
+    Per config and mode: the largest relative difference of the loss curve from
+    one process's, the same at the first step (the forward only), and the
+    largest relative norm difference of a tensor's update (final - initial)
+    from one process's; plus how far the FP4 curve is from the high-precision one.
+    """
+    initial = build_model(n_layers).state_dict()
+    high_precision = torch.tensor(json.loads((out / "high_precision.json").read_text())["losses"], dtype=torch.float64)
+    figures = {}
+    for config in CONFIGS:
+        if not (out / config / "single.json").exists():
+            continue
+        single = json.loads((out / config / "single.json").read_text())
+        ref = torch.tensor(single["losses"], dtype=torch.float64)
+        single_params = torch.load(out / config / "single_params.pt")
+        rank0 = json.loads((out / config / "dist_rank0.json").read_text())
+        figures[config] = {"fp4_vs_high_precision_loss_rel": ((ref - high_precision).abs() / ref).max().item()}
+        for mode, params_file in (("ddp", "ddp_params_rank0.pt"), ("fsdp2", "fsdp_params.pt")):
+            losses = torch.tensor(rank0[mode]["losses"], dtype=torch.float64)
+            params = torch.load(out / config / params_file)
+            updates = {
+                name: ((params[name] - initial[name]) - (final - initial[name])).norm().item()
+                / (final - initial[name]).norm().clamp_min(1e-12).item()
+                for name, final in single_params.items()
+            }
+            worst = max(updates, key=updates.get)
+            figures[config][mode] = {
+                "loss_rel_max": ((losses - ref).abs() / ref).max().item(),
+                "first_loss_rel": abs(losses[0] - ref[0]).item() / ref[0].item(),
+                "update_rel_max": updates[worst],
+                "update_rel_max_tensor": worst,
+                "seconds": rank0["seconds"][mode],
+                "graphs": rank0[mode]["report"]["graphs"],
+            }
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["single", "dist"])
+    parser.add_argument("mode", choices=["single", "dist", "compare"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--backend", default="fp4_aot_eager")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
@@ -269,7 +313,14 @@ def main() -> None:
     parser.add_argument("--ddp-bucket-mb", type=float, default=0.1,
                         help="DDP gradient bucket size; 0.1 splits the tiny model's graph into several pieces")
     parser.add_argument("--no-checkpoint", action="store_true", help="no distributed checkpoint in the FSDP2 run")
+    parser.add_argument("--json", type=Path, default=None, help="compare: also write the figures here")
     args = parser.parse_args()
+    if args.mode == "compare":
+        figures = compare(args.out, args.layers)
+        print(json.dumps(figures, indent=1))
+        if args.json is not None:
+            args.json.write_text(json.dumps(figures, indent=1) + "\n")
+        return
     # One thread per process: two ranks share two cores, and the one-process
     # reference uses the same GEMM threading as each rank.
     torch.set_num_threads(1)
