@@ -28,7 +28,8 @@ from .backend import OPTIONS_ENV, register_backends
 from .config import Fp4OptionsError
 from .inspection.inspect import inspect
 from .report import reports, reset
+from .stats import stats  # the function; the module stays importable as fp4compile.stats via sys.modules
 
-__all__ += ["compile_model", "Fp4OptionsError", "OPTIONS_ENV", "reports", "reset", "inspect"]
+__all__ += ["compile_model", "Fp4OptionsError", "OPTIONS_ENV", "reports", "reset", "inspect", "stats"]
 
 register_backends()

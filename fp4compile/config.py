@@ -78,6 +78,9 @@ class Fp4Config:
     keep_first_last: int = 0
     min_features: int = 0
     target: str = "auto"
+    # Telemetry (fp4compile.stats()): record per-site statistics every N training
+    # steps; 0 (the default) inserts nothing, so the compiled graph is unchanged.
+    stats_interval: int = 0
 
     def __post_init__(self):
         if isinstance(self.skip, (list, str)):
@@ -124,6 +127,9 @@ class Fp4Config:
                              "in high precision at each end)")
         if not _is_int(self.min_features) or self.min_features < 0:
             raise ValueError(f"min_features={self.min_features!r} is invalid: an integer >= 0")
+        if not _is_int(self.stats_interval) or self.stats_interval < 0:
+            raise ValueError(f"stats_interval={self.stats_interval!r} is invalid: an integer >= 0 (record FP4 "
+                             "statistics every N training steps; 0 turns them off)")
 
     @property
     def quantizes(self) -> bool:

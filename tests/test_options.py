@@ -40,6 +40,7 @@ BAD_FIELD_VALUES = {
     "keep_first_last": (-1, r"keep_first_last=-1 is invalid: an integer >= 0"),
     "min_features": (2.5, r"min_features=2\.5 is invalid: an integer >= 0"),
     "target": ("tpu", r"target='tpu' is invalid; valid values: 'auto', 'cpu', 'cuda'"),
+    "stats_interval": (-1, r"stats_interval=-1 is invalid: an integer >= 0"),
 }
 
 

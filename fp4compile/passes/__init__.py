@@ -14,5 +14,5 @@ def run_passes(gm, example_inputs, config, target: str, report: GraphReport, roo
     """
     report.sites, report.activation_matmuls = find_matmul_sites(gm, example_inputs)
     apply_policy(report.sites, config, target, root)
-    rewrite_sites(gm, report.sites, config)
+    rewrite_sites(gm, report.sites, config, report.graph_id)
     return report

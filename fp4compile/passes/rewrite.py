@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 
 from ..runtime import linear_ops
+from ..runtime import stats as telemetry
 from .find_sites import site_operands
 from ..runtime.occ import alpha_fraction
 
@@ -43,7 +44,17 @@ def _quantize_activation(graph: fx.Graph, x, config, inserted: list, roles: dict
     return x_q, x_s, residual
 
 
-def _rewrite_one(graph: fx.Graph, site, config, shared: dict) -> tuple:
+def _register_stats(site, config, graph_id: int) -> int:
+    """The telemetry key of one site: what its probes need to recompute its statistics."""
+    occ = (*alpha_fraction(config.occ_alpha), config.occ_scope) if config.occ_alpha is not None else None
+    return telemetry.register_site(telemetry.SiteSpec(
+        graph_id=graph_id, module_path=site.module_path, interval=config.stats_interval, occ=occ,
+        act_fmt=config.act_fmt, act_granularity=config.act_granularity, compensate=config.occ_compensate,
+        weight_transposed=site.weight_layout != "out_in",
+    ))
+
+
+def _rewrite_one(graph: fx.Graph, site, config, shared: dict, graph_id: int = -1) -> tuple:
     """Rewrite one site's matmul; returns the names of the nodes it uses.
 
     `shared` maps an activation node to its clamp/quantize nodes, so that sites
@@ -83,13 +94,21 @@ def _rewrite_one(graph: fx.Graph, site, config, shared: dict) -> tuple:
         else:
             wq, w_q, w_s = _pair(graph, linear_ops._passthrough, (w_out_in,))
         roles["weight"] = wq
+        stats_key, gemm_w_s, probes = None, w_s, []
+        if config.stats_interval:
+            # Telemetry (runtime/stats.py): the forward probe's 1.0 multiplies the
+            # weight scale the GEMM reads, which keeps the probe in the compiled graph.
+            stats_key = _register_stats(site, config, graph_id)
+            gemm_w_s = graph.call_function(telemetry.probed_weight_scale, (x, weight, w_q, w_s, stats_key))
+            roles["stats_forward"] = gemm_w_s
+            probes.append(gemm_w_s)
         # Both operands on an FP8-representable grid: CUDA may run the GEMMs in FP8.
         fp8_grid = config.act_fmt is not None and config.weight_fmt is not None
         y = graph.call_function(
-            linear_ops.fp4_gemm_op, (x_q, x_s, w_q, w_s, gemm_bias, config.grad_fmt, out_dtype, fp8_grid)
+            linear_ops.fp4_gemm_op, (x_q, x_s, w_q, gemm_w_s, gemm_bias, config.grad_fmt, out_dtype, fp8_grid)
         )
         roles["gemm"] = y
-        site_nodes = [wq, y]
+        site_nodes = [wq, *probes, y]
         if residual is not None and config.occ_compensate:
             x_shape = graph.call_function(getattr, (x, "shape"))
             comp = graph.call_function(
@@ -108,6 +127,10 @@ def _rewrite_one(graph: fx.Graph, site, config, shared: dict) -> tuple:
         if site.weight_side == "left":
             y = graph.call_method("transpose", (y, -2, -1))
             site_nodes.append(y)
+        if stats_key is not None:  # its backward hands dY to the telemetry
+            y = graph.call_function(telemetry.grad_probe, (y, weight, stats_key))
+            roles["stats_backward"] = y
+            site_nodes.append(y)
     inserted += site_nodes
     for node in new_nodes + site_nodes + [y]:
         node.meta["nn_module_stack"] = matmul.meta.get("nn_module_stack", {})
@@ -118,15 +141,19 @@ def _rewrite_one(graph: fx.Graph, site, config, shared: dict) -> tuple:
     return tuple(n.name for n in inserted)
 
 
-def rewrite_sites(gm: fx.GraphModule, sites, config) -> None:
-    """Replace every quantized site's matmul by the quantized-linear nodes."""
+def rewrite_sites(gm: fx.GraphModule, sites, config, graph_id: int = -1) -> None:
+    """Replace every quantized site's matmul by the quantized-linear nodes.
+
+    With `config.stats_interval > 0` each site also gets its telemetry probes
+    (`runtime/stats.py`), registered under `graph_id`; with 0 nothing else changes.
+    """
     dead_candidates, touched, shared = [], {id(gm): gm}, {}
     for site in sites:
         if site.quantized:
             owner = site.graph_module or gm  # the top graph or a higher-order op's body
             matmul = site.fx_nodes[0]
             dead_candidates += [a for a in matmul.all_input_nodes if a.op != "placeholder"]
-            site.inserted = _rewrite_one(owner.graph, site, config, shared.setdefault(id(owner), {}))
+            site.inserted = _rewrite_one(owner.graph, site, config, shared.setdefault(id(owner), {}), graph_id)
             touched[id(owner)] = owner
     # Drop the W.t() nodes that only fed the replaced matmuls.
     for node in dead_candidates:
