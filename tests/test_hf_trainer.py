@@ -1,0 +1,122 @@
+"""The Hugging Face Trainer route: examples/hf_trainer.py trains, reports, saves, reloads.
+
+`compile_model` exists so that training stacks that never call `torch.compile`
+themselves can train in FP4. These tests run the example itself (its `main`,
+on a tiny LlamaForCausalLM: hidden 64, 2 blocks, 32-byte windows, batch 4,
+3 steps) under `paper` (whole-model compile) and `fp4-direct` (regional: one
+block graph serves both blocks), and check what a user relies on:
+
+- the report: every decoder-block linear (q/k/v/o/gate/up/down) of every
+  block quantized, `lm_head` kept by the default skip list;
+- the Trainer logged a finite loss at every step;
+- `save_pretrained`'s checkpoint loads into a plain, uncompiled
+  `LlamaForCausalLM` with every tensor equal to the trained model's (and the
+  weights did change in training, so the equality is not that of two fresh
+  initialisations);
+- a bad recipe or option on the command line stops the run with a message
+  naming the option, before anything is compiled.
+
+Each training run costs one Inductor compile (forward and backward).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from transformers import LlamaForCausalLM  # noqa: E402
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hf_trainer.py"
+BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LAYERS, STEPS, SEED = 2, 3, 0
+TINY = ["--hidden", "64", "--layers", str(LAYERS), "--heads", "4", "--seq-len", "32", "--batch-size", "4",
+        "--steps", str(STEPS), "--max-bytes", "65536", "--seed", str(SEED)]
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location("hf_trainer_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+example = _load_example()
+
+
+@pytest.fixture(scope="module", params=[("paper", False), ("fp4-direct", True)],
+                ids=["paper-whole-model", "fp4-direct-regional"])
+def run(request, tmp_path_factory):
+    recipe, regional = request.param
+    out = tmp_path_factory.mktemp(f"hf-{recipe}")
+    argv = [*TINY, "--recipe", recipe, "--out", str(out)] + (["--regional"] if regional else [])
+    return recipe, regional, example.main(argv)
+
+
+@pytest.mark.slow
+def test_report_quantizes_every_block_linear_and_keeps_lm_head(run):
+    recipe, regional, result = run
+    assert type(result.model) is LlamaForCausalLM  # compiled in place: class kept
+    assert result.reports, "nothing was compiled"
+    assert all(report.config.recipe == recipe for report in result.reports)
+    if regional:
+        # One graph serves both blocks (a second compile would add a report);
+        # its sites are named relative to the block.
+        assert [block._compiled_call_impl is not None for block in result.model.model.layers] == [True] * LAYERS
+        assert len(result.reports) == 1
+        decisions = {site.module_path: (site.quantized, site.reason) for site in result.reports[0].sites}
+        assert decisions == {name: (True, "") for name in BLOCK_LINEARS}
+    else:
+        assert len(result.reports) == 1  # one graph for the whole model: no graph break
+        decisions = {site.module_path: (site.quantized, site.reason) for site in result.reports[0].sites}
+        expected = {f"model.layers.{i}.{name}": (True, "") for i in range(LAYERS) for name in BLOCK_LINEARS}
+        expected["lm_head"] = (False, "skip list (lm_head)")
+        assert decisions == expected
+
+
+@pytest.mark.slow
+def test_trainer_logs_a_finite_loss_every_step(run):
+    _, _, result = run
+    losses = [entry["loss"] for entry in result.trainer.state.log_history if "loss" in entry]
+    assert len(losses) == STEPS
+    assert all(math.isfinite(loss) for loss in losses), losses
+    # Bytes as tokens: a random model starts near ln(256) ~ 5.5; FP4 must not blow it up.
+    assert all(0.5 < loss < 2 * math.log(256) for loss in losses), losses
+
+
+@pytest.mark.slow
+def test_checkpoint_reloads_into_plain_transformers_with_identical_values(run):
+    _, _, result = run
+    reloaded = LlamaForCausalLM.from_pretrained(result.checkpoint)
+    assert reloaded._compiled_call_impl is None  # plain, uncompiled
+    trained, loaded = result.model.state_dict(), reloaded.state_dict()
+    assert list(loaded) == list(trained)  # compiled in place: the plain keys
+    for key, value in trained.items():
+        assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value), key
+    # Training moved the block weights, so the equality above is of trained values.
+    initial = example.build_model(64, LAYERS, 4, 32, SEED).state_dict()
+    assert not torch.equal(initial["model.layers.0.self_attn.q_proj.weight"],
+                           trained["model.layers.0.self_attn.q_proj.weight"])
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--recipe", "nope"], "recipe='nope'"),
+    (["--options", '{"dge_kk": 3}'], "'dge_kk'"),
+    (["--options", '{"occ_alpha": 2.0}'], "occ_alpha"),
+    (["--options", "[1, 2]"], "--options must be a JSON object"),
+])
+def test_bad_option_exits_with_a_message_naming_it(argv, named, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        example.main([*TINY, "--out", str(tmp_path), *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert named in err, err
+    assert not any(tmp_path.iterdir())  # stopped before training or saving
