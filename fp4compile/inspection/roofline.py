@@ -213,38 +213,48 @@ def _plan_sparse_compensate(node, s: LayerShape):
 
 
 def _plan_channel_compensate(node, s: LayerShape):
-    # lowering/cuda_compensation.channel_compensate_op: per-column counts of
-    # the sparse residual (scatter of M*2c entries into [K]) and a top-|C|
-    # selection; the dense residual on the channels, R[:, C], split into bf16
-    # hi + lo ([M, 2|C|]); one BF16 GEMM against w_q[:, C] (forward) and one
-    # against the E5M2 gradient operand (backward, dW[:, C]); the entries
-    # outside C (share 1 - coverage) take the sparse gather/scatter.
+    # lowering/cuda_compensation.channel_compensate_op on CUDA:
+    # forward: per-column counts of the sparse residual (scatter of the M*2c
+    # entries into [K]) and a top-|C| sort; R[:, C] (scatter into a dense
+    # [M, |C|], then the bf16 hi/lo split [M, 2|C|]); the dequantized W
+    # (float32 [N, K], read by the sparse kernel through a transposed view);
+    # one BF16 GEMM (float32 out) against [w_q[:, C] w_q[:, C]]; the Triton
+    # sparse kernel over the entries outside C: every value is read, but only
+    # the share 1 - coverage loads an index and a W row (masked loads), and it
+    # writes its full float32 [M, N] output.
+    # backward: the E5M2 gradient operand again, as bf16 values (exact) [N, M]
+    # (its amax is assumed shared with the main weight-gradient cast); one BF16
+    # GEMM against [R_hi R_lo] / x_s; the Triton scatter (zero-initialised
+    # float32 [K, N], atomics for the entries outside C only); the sum of both,
+    # scaled, transposed and added to the main dW.
     m, k, n, c, cap = s.m, s.k, s.n, s.outliers_per_side, s.channel_cap
     entries = m * 2 * c
     rest = entries * (1.0 - s.coverage)
-    kernels = [
+    return [
         Kernel("residual column counts + top-|C|", node, "fwd", read=entries * (F32 + I64), written=k * F32),
-        Kernel("R[:, C] hi/lo (dense [M, 2|C|])", node, "fwd",
-               read=entries * (F32 + I64), written=m * 2 * cap * BF16),
+        Kernel("R[:, C] scatter + bf16 hi/lo split", node, "fwd",
+               read=entries * (F32 + I64) + m * cap * F32, written=m * cap * F32 + m * 2 * cap * BF16),
+        Kernel("dequantized W (float32)", node, "fwd", read=n * k * BF16, written=n * k * F32),
         _gemm("y_C = [R_hi R_lo] @ [W_C W_C].T", node, "fwd", m, n, 2 * cap, BF16, BF16, F32, "bf16"),
+        Kernel("sparse rest, masked (Triton)", node, "fwd",
+               read=entries * F32 + rest * (I64 + n * F32), written=m * n * F32),
+        Kernel("gradient operand as bf16 [N, M]", node, "bwd", read=m * n * BF16, written=m * n * BF16),
+        Kernel("[R_hi R_lo] / x_s", node, "bwd", read=entries * (F32 + I64) + m * F32, written=m * 2 * cap * BF16),
         _gemm("dW_C = dy8.T @ [R_hi R_lo]/x_s", node, "bwd", n, 2 * cap, m, BF16, BF16, F32, "bf16"),
-        Kernel("dW[:, C] += dW_C (scatter of |C| columns)", node, "bwd",
-               read=2 * n * cap * F32, written=n * cap * F32),
+        Kernel("sparse rest scatter, masked (Triton atomics)", node, "bwd",
+               read=entries * F32 + rest * (I64 + n * BF16 + n * F32), written=k * n * F32 + rest * n * F32),
+        Kernel("compensation dW: + dW_C, scale, transpose, add to dW", node, "bwd",
+               read=2 * n * k * F32 + n * 2 * cap * F32, written=n * k * F32),
     ]
-    if rest > 0:
-        kernels += [
-            Kernel("rest of the residual: gather-reduce (sparse)", node, "fwd",
-                   read=rest * (F32 + I64) + rest * n * BF16, written=m * n * F32),
-            Kernel("rest of the residual: index_add (sparse)", node, "bwd",
-                   read=rest * (F32 + I64) + rest * n * F32, written=rest * n * F32),
-        ]
-    return kernels
 
 
 def _plan_add(node, s: LayerShape):
-    # y + compensation: reads the GEMM's bf16 output and the float32 term, writes bf16.
+    # y + compensation, with the compensation's own epilogue fused (y_C * w_s +
+    # sparse rest, cast): reads the FP8 GEMM's bf16 output and the two float32
+    # terms (one for the reference compensation, whose sum is fused here), writes bf16.
     m, n = s.m, s.n
-    return [Kernel("y + compensation", node, "fwd", read=m * n * (BF16 + F32), written=m * n * BF16)]
+    terms = 2 if node.args[1].target.__name__ == "channel_compensate_op" else 1
+    return [Kernel("y + compensation", node, "fwd", read=m * n * (BF16 + terms * F32), written=m * n * BF16)]
 
 
 def _plans():

@@ -16,9 +16,12 @@ exactly as the reference's backward uses them. Entries outside C keep the
 reference's sparse path, so the op is exact for any residual: C is a choice of
 how to split the work, not an approximation. When the residual concentrates in
 outlier channels (|C| covers it) the sparse term has no non-zero entry left;
-when it does not (row-scope OCC puts 2c entries in every row, many outside
-any small C), the sparse term carries the rest and the op costs about what the
-reference costs (docs/cuda.md has the measured coverage and the roofline).
+when it does not (row-scope OCC puts 2c entries in every row, some outside
+any small C), the sparse term carries the rest. On CUDA that term runs in
+Triton kernels (`triton_kernels.sparse_rows_matmul` / `sparse_rows_scatter`)
+whose loads and atomics are masked by value != 0: its traffic follows the
+entries outside C, not the fixed [M, 2c] shape (docs/cuda.md has the measured
+coverage and the roofline).
 
 No host synchronisation and no data-dependent shapes: C is a fixed-size
 selection (a stable sort of per-column counts, on the device), |C| = cap(K)
@@ -150,23 +153,57 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, bf16_operands: bool) -> torch.Tens
     try:
         return torch.mm(a16, b16, out_dtype=torch.float32)
     except (TypeError, RuntimeError, NotImplementedError):
-        # No bf16 -> float32 GEMM in this build: float32 on the same (exact) values.
-        return a @ b
+        # No bf16 -> float32 GEMM here (CPU): float32 on the same values, exact products.
+        return a16.to(torch.float32) @ b16.to(torch.float32)
 
 
-def _sparse_forward(rows, cols, vals, w_deq_t, m):
-    """sum over entries of vals * dequant(W).T[col] into row `row` (the reference's term)."""
+def _triton_sparse(vals: torch.Tensor, per_row):
+    """The Triton sparse kernels (masked by value != 0), or None where they do not apply."""
+    if per_row is None or not vals.is_cuda or vals.dtype != torch.float32:
+        return None
+    try:
+        from . import triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels
+
+
+def _sparse_forward(rows, cols, vals, w_deq_t, m, per_row=None):
+    """sum over entries of vals * dequant(W).T[col] into row `row` (the reference's term).
+
+    On CUDA (row scope, float32) a Triton kernel whose loads are masked by
+    value != 0, so the entries the channel GEMM took cost nothing; elsewhere
+    the reference's gather and index_add over every entry.
+    """
+    kernels = _triton_sparse(vals, per_row)
+    if kernels is not None:
+        return kernels.sparse_rows_matmul(vals.reshape(m, per_row), cols.reshape(m, per_row), w_deq_t)
     contrib = vals.unsqueeze(-1) * w_deq_t[cols]
     return w_deq_t.new_zeros(m, w_deq_t.shape[1]).index_add(0, rows, contrib)
+
+
+def _sparse_weight_gradient(rows, cols, vals, g_rows, m, k, per_row=None):
+    """[K, N]: sum over entries of vals * g_rows[row] into row `col` (the reference's index_add)."""
+    kernels = _triton_sparse(vals, per_row)
+    if kernels is not None:
+        return kernels.sparse_rows_scatter(vals.reshape(m, per_row), cols.reshape(m, per_row), g_rows, k)
+    contrib = vals.reshape(-1, 1) * g_rows[rows]
+    return contrib.new_zeros(k, g_rows.shape[1]).index_add(0, cols, contrib)
+
+
+def _entries_per_row(values: torch.Tensor, x_shape):
+    """J for a row-scope residual ([..., J]), None for tensor scope."""
+    return values.shape[-1] if values.dim() == len(x_shape) else None
 
 
 def channel_compensation(values, index, x_shape, w_q, w_scale, cap: int | None = None,
                          bf16_split: bool | None = None):
     """Forward term R @ dequant(W).T (float compute dtype [M, N]) and what the backward needs.
 
-    Returns (y [M, N], saved) with saved = (rows, cols, vals, channels, r_c).
+    Returns (y [M, N], saved) with saved = (rows, cols, vals, channels).
     """
     rows, cols, vals, m, k = residual_entries(values, index, x_shape)
+    per_row = _entries_per_row(values, x_shape)
     cap = channel_cap(k) if cap is None else cap
     use_split = _use_split(vals) if bf16_split is None else bf16_split
     channels = select_channels(residual_column_counts(cols, vals, k), cap)
@@ -178,12 +215,12 @@ def channel_compensation(values, index, x_shape, w_q, w_scale, cap: int | None =
         y = _matmul(r_c, w_c.t(), False)
     y = y * w_scale.to(vals.dtype).reshape(1, -1)
     w_deq_t = (w_q.to(vals.dtype) * w_scale.to(vals.dtype)).t()
-    y = y + _sparse_forward(rows, cols, rest, w_deq_t, m)
+    y = y + _sparse_forward(rows, cols, rest, w_deq_t, m, per_row)
     return y, (rows, cols, vals, channels)
 
 
 def channel_weight_gradient(grad_y, rows, cols, vals, channels, x_scale, k: int, grad_fmt,
-                            bf16_split: bool | None = None):
+                            bf16_split: bool | None = None, per_row: int | None = None):
     """The residual's share of dW [N, K]: the reference `_Compensate.backward`, by channels.
 
     The residual entries are divided by the folded activation scale first (as
@@ -199,14 +236,19 @@ def channel_weight_gradient(grad_y, rows, cols, vals, channels, x_scale, k: int,
     use_split = _use_split(vals) if bf16_split is None else bf16_split
     r_c, rest = split_residual(rows, cols, vals, channels, m, k)
     cap = channels.shape[0]
+    if use_split and g_scale is not None:
+        # E5M2 grid values are exact in bf16 (2-bit mantissa, exponents inside
+        # bf16's range): one half-size copy serves the GEMM and the sparse kernel.
+        g_op = g_op.to(torch.bfloat16)
     if use_split:
         both = _matmul(g_op, split_bf16(r_c), True)  # [N, 2|C|]: hi and lo halves
         dw_c = both[:, :cap] + both[:, cap:]
     else:
         dw_c = _matmul(g_op, r_c, False)
-    contrib = rest.reshape(-1, 1) * g_op.t()[rows]
-    grad_w_t = contrib.new_zeros(k, g2.shape[1]).index_add(0, cols, contrib)
-    grad_w_t = grad_w_t.index_add(0, channels, dw_c.t())
+    grad_w_t = _sparse_weight_gradient(rows, cols, rest, g_op.t(), m, k, per_row)
+    if grad_w_t.dtype != vals.dtype:  # the CPU path with a bf16 operand: back to the compute dtype
+        grad_w_t = grad_w_t.to(vals.dtype)
+    grad_w_t = grad_w_t.index_add(0, channels, dw_c.t().to(grad_w_t.dtype))
     if g_scale is not None:
         grad_w_t = grad_w_t * g_scale
     return grad_w_t.t()
@@ -220,13 +262,15 @@ class _ChannelCompensate(torch.autograd.Function):
         y, (rows, cols, vals, channels) = channel_compensation(values, index, x_shape, w_q, w_scale)
         ctx.save_for_backward(rows, cols, vals, channels, x_scale)
         ctx.k_features = x_shape[-1]
+        ctx.per_row = _entries_per_row(values, x_shape)
         ctx.grad_fmt = grad_fmt
         return y.to(out_dtype).reshape(*x_shape[:-1], w_q.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y):
         rows, cols, vals, channels, x_scale = ctx.saved_tensors
-        grad_w = channel_weight_gradient(grad_y, rows, cols, vals, channels, x_scale, ctx.k_features, ctx.grad_fmt)
+        grad_w = channel_weight_gradient(grad_y, rows, cols, vals, channels, x_scale, ctx.k_features, ctx.grad_fmt,
+                                         per_row=ctx.per_row)
         return None, None, None, None, grad_w, None, None, None
 
 

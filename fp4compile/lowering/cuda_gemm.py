@@ -29,6 +29,13 @@ NVIDIA's tuned ones. Its constraints, checked by `fp8_gemm_applies`:
 
 Everything here is numerically `runtime.gemm`'s computation; only the
 summation order of the tensor cores and the output rounding differ.
+
+What the compiled model calls: `lowering/cuda.py`'s `fp8_gemm_op` runs
+`fp8_forward_gemm` (forward, bf16 output with a bf16 model) and
+`fp8_gradient_gemm` (both gradient GEMMs, float32 output, then cast by
+Inductor), with `use_fast_accum` off. `admit_cpu_tensors` lets the same path
+take CPU tensors (torch's CPU `_scaled_mm`), so tests can trace and run the FP8
+GEMM graph without a GPU.
 """
 from __future__ import annotations
 

@@ -5,9 +5,16 @@ Inductor fuses most of them well. One step it cannot: the OCC thresholds are
 per-row quantiles (torch.quantile's linear interpolation between the (c+1)-th
 and c-th largest value, and the same at the bottom), which the runtime finds
 with `topk` and Inductor leaves to the aten `topk` kernel (one selection per
-side, then a gather for the sparse residual). The kernels here do the whole
-activation path of SPEC.md sections 2 and 4 in one pass over each row, held in
-registers:
+side, then a gather for the sparse residual).
+
+What the compiled model calls: `occ_residual_rows` only. The CUDA lowering
+(`lowering/cuda.py`, `triton_occ_clamp_op`) takes each activation's row
+thresholds and sparse residual from it; the clamp and the quantization are then
+Inductor kernels that re-read x.
+
+The other kernels here are built, tested and benchmarked, but not wired into
+the compiled model yet: the fused activation path of SPEC.md sections 2 and 4
+in one pass over each row, held in registers (`occ_quantize_rows[_sparse]`),
 
     selection of the (c+1)-th and c-th largest and smallest values
     (bitwise bisection on an order-preserving integer key, NaN ordered as torch
@@ -15,9 +22,9 @@ registers:
     -> exact clamp/residual split (dense, or sparse as (values, index))
     -> row amax -> scale -> E2M1 (or E4M3) grid
 
-and the other element-wise steps of a quantized layer (weight rows, the DGE
-backward, the per-tensor E5M2 gradient cast), so that each has one fused
-kernel whose numerics are pinned to the runtime ops.
+and the weight rows (`quantize_rows`), the DGE backward (`dge_backward`) and the
+per-tensor E5M2 gradient cast (`cast_gradient`). docs/cuda.md says what wiring
+them would save (the roofline model's memory passes).
 
 Every kernel computes bit for bit what its `*_reference` function computes with
 the runtime ops, on the same float32 arithmetic:
@@ -69,6 +76,8 @@ __all__ = [
     "quantize_rows",
     "dge_backward",
     "cast_gradient",
+    "sparse_rows_matmul",
+    "sparse_rows_scatter",
     "occ_thresholds_reference",
     "occ_residual_rows_reference",
     "occ_quantize_rows_reference",
@@ -76,6 +85,8 @@ __all__ = [
     "quantize_rows_reference",
     "dge_backward_reference",
     "cast_gradient_reference",
+    "sparse_rows_matmul_reference",
+    "sparse_rows_scatter_reference",
 ]
 
 # The row kernels hold whole rows in registers, which is what makes the
@@ -505,6 +516,53 @@ def _grad_cast_kernel(g_ptr, fold_ptr, amax_ptr, values_ptr, scale_ptr, R, C, st
     tl.store(scale_ptr, scale, mask=(pid_r == 0) & (pid_c == 0))
 
 
+# The sparse part of the channel compensation (lowering/cuda_compensation.py):
+# entries outside the channel set C, most of them zero once C covers the
+# outliers. Every load and atomic is masked by `value != 0`, so a zero entry
+# costs no memory traffic: the work follows the non-zero entries, not the
+# fixed [M, J] shape the graph carries.
+_SPARSE_BLOCK_M, _SPARSE_BLOCK_N = 16, 128
+
+
+@triton.jit
+def _sparse_rows_matmul_kernel(v_ptr, i_ptr, wt_ptr, out_ptr, M, N, J, stride_wk, stride_wn,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[m, :] = sum_j v[m, j] * wt[i[m, j], :] (float32), v and i [M, J], wt [K, N] (any strides)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    rows64 = rows.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for j in range(0, J):
+        v = tl.load(v_ptr + rows64 * J + j, mask=row_mask, other=0.0)
+        k = tl.load(i_ptr + rows64 * J + j, mask=row_mask & (v != 0), other=0)
+        live = (v != 0)[:, None] & col_mask[None, :]
+        w = tl.load(wt_ptr + k[:, None] * stride_wk + cols.to(tl.int64)[None, :] * stride_wn, mask=live, other=0.0)
+        acc += v[:, None] * w.to(tl.float32)
+    tl.store(out_ptr + rows64[:, None] * N + cols[None, :], acc, mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _sparse_rows_scatter_kernel(v_ptr, i_ptr, g_ptr, out_ptr, M, N, J, stride_gm, stride_gn,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[i[m, j], :] += v[m, j] * g[m, :] (float32 atomics), out [K, N] zero-initialised, g any strides."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    rows64 = rows.to(tl.int64)
+    for j in range(0, J):
+        v = tl.load(v_ptr + rows64 * J + j, mask=row_mask, other=0.0)
+        k = tl.load(i_ptr + rows64 * J + j, mask=row_mask & (v != 0), other=0)
+        live = (v != 0)[:, None] & col_mask[None, :]
+        # g's row is read only where this row has a live entry (L1/L2 serve repeats).
+        g = tl.load(g_ptr + rows64[:, None] * stride_gm + cols.to(tl.int64)[None, :] * stride_gn, mask=live,
+                    other=0.0)
+        tl.atomic_add(out_ptr + k[:, None] * N + cols[None, :], v[:, None] * g.to(tl.float32), mask=live)
+
+
+
 # ---------------------------------------------------------------------------
 # Launchers (custom ops, traceable by torch.compile).
 # ---------------------------------------------------------------------------
@@ -765,6 +823,57 @@ def cast_gradient(
     return values, scale
 
 
+def _check_sparse(values: torch.Tensor, index: torch.Tensor, dense: torch.Tensor, name: str) -> None:
+    if values.dim() != 2 or values.shape != index.shape:
+        raise ValueError(f"{name}: values and index must be [M, J] of one shape, got "
+                         f"{tuple(values.shape)} and {tuple(index.shape)}")
+    if values.dtype != torch.float32 or index.dtype != torch.int64 or dense.dtype not in (torch.float32,
+                                                                                            torch.bfloat16):
+        raise ValueError(f"{name}: needs float32 values, int64 index and a float32 or bfloat16 dense operand")
+    if dense.dim() != 2:
+        raise ValueError(f"{name}: the dense operand must be 2-D, got shape {tuple(dense.shape)}")
+
+
+@triton_op("fp4compile::sparse_rows_matmul", mutates_args=())
+def sparse_rows_matmul(values: torch.Tensor, index: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """out [M, N] float32, out[m] = sum_j values[m, j] * wt[index[m, j]]; zero entries cost nothing.
+
+    values/index [M, J] (a row-scope sparse residual), wt [K, N] contiguous
+    (the dequantized weight, transposed). Equal to `sparse_rows_matmul_reference`
+    up to float32 summation order. wt may be any 2-D view (e.g. `w.t()`).
+    """
+    _check_sparse(values, index, wt, "sparse_rows_matmul")
+    m, j = values.shape
+    n = wt.shape[1]
+    out = torch.empty((m, n), device=values.device, dtype=torch.float32)
+    if m > 0 and n > 0:
+        grid = (triton.cdiv(m, _SPARSE_BLOCK_M), triton.cdiv(n, _SPARSE_BLOCK_N))
+        wrap_triton(_sparse_rows_matmul_kernel)[grid](
+            values.contiguous(), index.contiguous(), wt, out, m, n, j, wt.stride(0), wt.stride(1),
+            BLOCK_M=_SPARSE_BLOCK_M, BLOCK_N=_SPARSE_BLOCK_N)
+    return out
+
+
+@triton_op("fp4compile::sparse_rows_scatter", mutates_args=())
+def sparse_rows_scatter(values: torch.Tensor, index: torch.Tensor, g: torch.Tensor, k: int) -> torch.Tensor:
+    """out [K, N] float32, out[index[m, j]] += values[m, j] * g[m]; zero entries cost nothing.
+
+    g [M, N] float32 or bfloat16, any 2-D view (e.g. a transpose). Float32 atomics: equal to
+    `sparse_rows_scatter_reference` up to summation order.
+    """
+    _check_sparse(values, index, g, "sparse_rows_scatter")
+    m, j = values.shape
+    n = g.shape[1]
+    out = torch.zeros((k, n), device=values.device, dtype=torch.float32)
+    if m > 0 and n > 0:
+        grid = (triton.cdiv(m, _SPARSE_BLOCK_M), triton.cdiv(n, _SPARSE_BLOCK_N))
+        wrap_triton(_sparse_rows_scatter_kernel)[grid](
+            values.contiguous(), index.contiguous(), g, out, m, n, j, g.stride(0), g.stride(1),
+            BLOCK_M=_SPARSE_BLOCK_M, BLOCK_N=_SPARSE_BLOCK_N)
+    return out
+
+
+
 # ---------------------------------------------------------------------------
 # References: what each kernel computes, written with the runtime ops.
 # ---------------------------------------------------------------------------
@@ -825,3 +934,14 @@ def cast_gradient_reference(g, fold=None, fold_dim: int = 1):
         shape = (1, -1) if fold_dim == 1 else (-1, 1)
         g32 = g32 * fold.to(torch.float32).reshape(shape)
     return quantize_gradient(g32, "e5m2")
+
+
+def sparse_rows_matmul_reference(values, index, wt):
+    """`sparse_rows_matmul` as the reference compensation's gather-reduce computes it."""
+    return (values.unsqueeze(-1) * wt[index]).sum(-2)
+
+
+def sparse_rows_scatter_reference(values, index, g, k: int):
+    """`sparse_rows_scatter` as the reference compensation's index_add computes it."""
+    contrib = values.reshape(-1, 1) * g.repeat_interleave(values.shape[1], dim=0)
+    return contrib.new_zeros(k, g.shape[1]).index_add(0, index.reshape(-1), contrib)
