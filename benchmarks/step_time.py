@@ -81,6 +81,8 @@ def main(argv=None):
     parser.add_argument("--small", action="store_true", help="smoke run: tiny preset, 2 steps")
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--stats-interval", type=int, default=0,
+                        help="also time each fp4 recipe with FP4 telemetry every N steps (options stats_interval=N)")
     args = parser.parse_args(argv)
     if args.small:
         args.preset, args.batch, args.seq, args.warmup, args.steps = "tiny", 2, 32, 1, 2
@@ -98,6 +100,9 @@ def main(argv=None):
     runs = {"inductor": ("inductor", None)}
     for recipe in args.recipes.split(","):
         runs[f"fp4 {recipe}"] = ("fp4", {"recipe": recipe})
+        if args.stats_interval:
+            runs[f"fp4 {recipe} stats/{args.stats_interval}"] = (
+                "fp4", {"recipe": recipe, "stats_interval": args.stats_interval})
     steps, compile_s = {}, {}
     for name, (backend, options) in runs.items():
         model = Llama(cfg)
@@ -116,6 +121,7 @@ def main(argv=None):
             step(idx, targets)
             times[name].append(time.perf_counter() - t)
     med = {name: statistics.median(v) for name, v in times.items()}
+    mean = {name: statistics.fmean(v) for name, v in times.items()}  # telemetry steps hide from the median
     label = f"dim {cfg.dim}, ffn {cfg.ffn_dim}, {cfg.n_layers} layers" + (", regional compile" if args.regional else "")
     print(f"\nmodel: {label}; batch {args.batch} x {args.seq} tokens")
     print("| backend | step ms (median) | ratio to inductor | first step s (compile) | compile ratio |")
@@ -126,10 +132,14 @@ def main(argv=None):
             "model": label, "tokens_per_step": args.batch * args.seq, "backend": name,
             "step_ms": 1e3 * med[name], "ratio": med[name] / med["inductor"],
             "first_step_s": compile_s[name], "compile_ratio": compile_s[name] / compile_s["inductor"],
+            "step_ms_mean": 1e3 * mean[name],
         }
         rows.append(row)
         print(f"| {name} | {row['step_ms']:.1f} | {row['ratio']:.2f} | {row['first_step_s']:.1f} "
               f"| {row['compile_ratio']:.2f} |")
+    if args.stats_interval:
+        print("\nmean step ms (every step, telemetry steps included): "
+              + ", ".join(f"{name} {1e3 * mean[name]:.1f}" for name in steps))
     machine = (f"{platform.machine()} {platform.processor() or ''}".strip() + f", {torch.get_num_threads()} threads, "
                f"torch {torch.__version__}")
     print(f"\nmachine: {machine}; median of {args.steps} interleaved steps; "
@@ -139,7 +149,7 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "cold_cache": args.cold, "regional": args.regional, "steps": args.steps,
                        "command": "python benchmarks/step_time.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                       "rows": rows}, f, indent=1)
+                       "load_avg_1_5_15_at_end": os.getloadavg(), "rows": rows}, f, indent=1)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

@@ -44,13 +44,13 @@ def _quantize_activation(graph: fx.Graph, x, config, inserted: list, roles: dict
     return x_q, x_s, residual
 
 
-def _register_stats(site, config, graph_id: int) -> int:
+def _register_stats(site, config, graph_id: int, act_key: int) -> int:
     """The telemetry key of one site: what its probes need to recompute its statistics."""
     occ = (*alpha_fraction(config.occ_alpha), config.occ_scope) if config.occ_alpha is not None else None
     return telemetry.register_site(telemetry.SiteSpec(
         graph_id=graph_id, module_path=site.module_path, interval=config.stats_interval, occ=occ,
         act_fmt=config.act_fmt, act_granularity=config.act_granularity, compensate=config.occ_compensate,
-        weight_transposed=site.weight_layout != "out_in",
+        weight_transposed=site.weight_layout != "out_in", act_key=act_key,
     ))
 
 
@@ -98,7 +98,10 @@ def _rewrite_one(graph: fx.Graph, site, config, shared: dict, graph_id: int = -1
         if config.stats_interval:
             # Telemetry (runtime/stats.py): the forward probe's 1.0 multiplies the
             # weight scale the GEMM reads, which keeps the probe in the compiled graph.
-            stats_key = _register_stats(site, config, graph_id)
+            act_keys = shared.setdefault("stats_act_keys", {})
+            if x not in act_keys:
+                act_keys[x] = telemetry.new_activation_key()
+            stats_key = _register_stats(site, config, graph_id, act_keys[x])
             gemm_w_s = graph.call_function(telemetry.probed_weight_scale, (x, weight, w_q, w_s, stats_key))
             roles["stats_forward"] = gemm_w_s
             probes.append(gemm_w_s)

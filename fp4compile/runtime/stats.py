@@ -137,6 +137,7 @@ class SiteSpec:
     act_granularity: str
     compensate: bool
     weight_transposed: bool  # stored [in, out] (Conv1D, x @ W): quantized as its transpose
+    act_key: int = -1  # sites reading one activation node (q/k/v) share its key and its statistics
 
 
 @dataclass
@@ -155,6 +156,18 @@ _lock = threading.Lock()
 _sites: dict[int, SiteSpec] = {}
 _instances: dict[tuple[int, int], _Instance] = {}
 _records: list[dict] = []
+# act_key -> (the activation tensor, its statistics), held from the first of its
+# sites' forward probes to their backward on a statistics step: q/k/v read one
+# activation, whose statistics are computed once. Identity (`is`), not address:
+# the held tensor cannot be freed, so no other tensor can pass for it.
+_act_cache: dict[int, tuple] = {}
+_act_keys = [0]
+
+
+def new_activation_key() -> int:
+    with _lock:
+        _act_keys[0] += 1
+        return _act_keys[0]
 
 
 def register_site(spec: SiteSpec) -> int:
@@ -187,7 +200,12 @@ def record_forward(key: int, x, weight, w_q, w_s) -> None:
     spec = _sites[key]
     occ = spec.occ or (None, None, None)
     with torch.no_grad():
-        pending = activation_stats(x, *occ, spec.act_fmt, spec.act_granularity, spec.compensate)
+        cached = _act_cache.get(spec.act_key)
+        if cached is not None and cached[0] is x:
+            pending = dict(cached[1])
+        else:
+            pending = activation_stats(x, *occ, spec.act_fmt, spec.act_granularity, spec.compensate)
+            _act_cache[spec.act_key] = (x, dict(pending))
         # The weight as the quantizer saw it, [out, in] (a Conv1D stores [in, out]).
         pending.update(weight_stats(weight.t() if spec.weight_transposed else weight, w_q, w_s))
     inst.pending = pending
@@ -200,6 +218,7 @@ def record_backward(key: int, grad, weight) -> None:
         with torch.no_grad():
             values = {**(inst.pending or {}), **grad_stats(grad)}
         inst.pending = None
+        _act_cache.pop(_sites[key].act_key, None)
         _finish(inst, values)
     inst.step += 1
 
@@ -237,6 +256,7 @@ def clear() -> None:
     with _lock:
         _records.clear()
         _instances.clear()
+        _act_cache.clear()
 
 
 # ---- the graph ops -------------------------------------------------------------------
