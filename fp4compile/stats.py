@@ -107,6 +107,43 @@ class StatsTable:
             writer.close()
 
 
+def plot_rates(table: StatsTable, path: str | os.PathLike, count: int = 4, title: str = "") -> list[str]:
+    """PNG: underflow (activation, weight) and OCC clamp share over training for the hardest layers.
+
+    The hardest layers: the `count` with the highest mean activation underflow,
+    and (clamp panel) the highest mean clamp share. Returns the layers plotted.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    plotted = []
+    for layer in table.hardest("act_underflow", count):
+        steps, act = table.series(layer, "act_underflow")
+        line, = left.plot(steps, [100 * v for v in act], marker="o", markersize=3, label=f"{layer} (activation)")
+        left.plot(steps, [100 * v for v in table.series(layer, "weight_underflow")[1]], linestyle="--",
+                  color=line.get_color(), label=f"{layer} (weight)")
+        plotted.append(layer)
+    for layer in table.hardest("act_clamp", count):
+        steps, clamp = table.series(layer, "act_clamp")
+        right.plot(steps, [100 * v for v in clamp], marker="o", markersize=3, label=layer)
+        plotted.append(layer)
+    left.set(title="FP4 underflow (non-zero -> 0), hardest layers", xlabel="step", ylabel="% of elements")
+    right.set(title="OCC clamp rate, hardest layers", xlabel="step", ylabel="% of activation elements")
+    for axes in (left, right):
+        axes.grid(alpha=0.3)
+        if axes.lines:
+            axes.legend(fontsize=7)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return sorted(set(plotted))
+
+
 def _format(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"

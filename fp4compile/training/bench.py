@@ -132,12 +132,18 @@ def recipe_options(name: str) -> dict:
         raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(RECIPE_NAMES)}") from None
 
 
-def compile_for_recipe(model: torch.nn.Module, recipe: str, backend: str):
-    """``torch.compile`` the model with the recipe's options (none for stock backends)."""
+def compile_for_recipe(model: torch.nn.Module, recipe: str, backend: str, stats_interval: int = 0):
+    """``torch.compile`` the model with the recipe's options (none for stock backends).
+
+    ``stats_interval``: FP4 telemetry every N steps (``fp4compile.stats()``); 0 for none.
+    """
     if backend in BACKENDS_WITHOUT_OPTIONS:
         recipe_options(recipe)  # still reject unknown recipe names
         return torch.compile(model, backend=backend)
-    return torch.compile(model, backend=backend, options=recipe_options(recipe))
+    options = recipe_options(recipe)
+    if stats_interval:
+        options["stats_interval"] = stats_interval
+    return torch.compile(model, backend=backend, options=options)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -187,6 +193,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="steps between checkpoints, 0 for none (default: steps / 10)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--stats-interval",
+        type=int,
+        default=0,
+        help="FP4 telemetry every N steps: <run>_stats.csv and <run>_fp4_rates.png (underflow and clamp rate "
+        "of the hardest layers) per FP4 run (default: 0, off)",
+    )
 
 
 @dataclass
@@ -345,7 +358,12 @@ def _run_one(
     # would otherwise pile up until dynamo's recompile limit drops to eager).
     torch._dynamo.reset()
     model = build_model(preset(args.preset), seed=cfg.seed, device=device)
-    compiled_forward = compile_for_recipe(model, recipe, args.backend)
+    stats_interval = getattr(args, "stats_interval", 0)
+    if stats_interval:
+        import fp4compile
+
+        fp4compile.stats(clear=True)  # nothing from an earlier run
+    compiled_forward = compile_for_recipe(model, recipe, args.backend, stats_interval)
 
     previous_history = []
     if resuming:
@@ -367,6 +385,8 @@ def _run_one(
         checkpoint_every=checkpoint_every,
         resume=resuming,
     )
+    if stats_interval:
+        _write_stats(model, out / name, f"{args.preset}, {recipe}, seed {cfg.seed}")
     outcome = RunOutcome(
         recipe=recipe,
         seed=cfg.seed,
@@ -404,6 +424,17 @@ def _nan_to_none(value: float) -> float | None:
 
 def _float_or_nan(value: float | None) -> float:
     return float("nan") if value is None else float(value)
+
+
+def _write_stats(model: torch.nn.Module, prefix: Path, title: str) -> None:
+    """One run's FP4 telemetry: ``<run>_stats.csv`` and ``<run>_fp4_rates.png`` (nothing for bf16)."""
+    import fp4compile
+    from fp4compile.stats import plot_rates
+
+    table = fp4compile.stats(model, clear=True)
+    if len(table):
+        table.to_csv(f"{prefix}_stats.csv")
+        plot_rates(table, f"{prefix}_fp4_rates.png", title=title)
 
 
 def run(args: argparse.Namespace) -> int:

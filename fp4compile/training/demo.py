@@ -25,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", default="paper", help="the FP4 recipe to compare with bf16")
     parser.add_argument("--data", default=None, help="a text file or folder (default: Python stdlib source)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stats-interval", type=int, default=0,
+                        help="record FP4 telemetry every N steps for the FP4 recipe (0: off); writes a CSV and a "
+                             "plot of underflow and clamp rate to --stats-dir")
+    parser.add_argument("--stats-dir", default="results/demo_stats", help="where --stats-interval writes")
     parser.add_argument("--whole-model", action="store_true",
                         help="compile the whole model as one graph instead of block by block "
                              "(a cold compile then takes about three times as long, BENCHMARKS.md)")
@@ -63,6 +67,8 @@ def run(args) -> int:
         fp4compile.reset()
         model = build_model(model_cfg, args.seed)
         options = {"recipe": recipe}
+        if args.stats_interval and recipe == args.recipe:
+            options["stats_interval"] = args.stats_interval
         if args.whole_model:
             compiled = torch.compile(model, backend="fp4", options=options)
         else:
@@ -77,6 +83,8 @@ def run(args) -> int:
         results[recipe].wall = time.time() - start
         if recipe == args.recipe:
             recipe_reports = fp4compile.reports()
+            if args.stats_interval:
+                _write_stats(model, args, recipe)
 
     print("\nrecipe      final train loss  final val loss  tokens/s  wall (s, incl. compile)")
     for recipe, res in results.items():
@@ -94,3 +102,22 @@ def run(args) -> int:
         print(f"\n(Compiled block by block: one graph serves all {model_cfg.n_layers} blocks, so module names are "
               "relative to a block; the embedding, final norm and lm_head run outside it, unquantized.)")
     return 0
+
+
+def _write_stats(model, args, recipe: str) -> None:
+    """The FP4 telemetry of the run: CSV, a plot of the hardest layers, a two-line summary."""
+    from pathlib import Path
+
+    import fp4compile
+    from fp4compile.stats import plot_rates
+
+    table = fp4compile.stats(model, clear=True)
+    out = Path(args.stats_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / f"{recipe}_stats.csv")
+    plot_rates(table, out / f"{recipe}_fp4_rates.png", title=f"{args.preset}, {recipe}, every {args.stats_interval} steps")
+    for name in ("act_underflow", "act_clamp"):
+        worst = table.hardest(name, 3)
+        shown = ", ".join(f"{layer} {100 * table.series(layer, name)[1][-1]:.2f}%" for layer in worst)
+        print(f"  {name} at the last record, hardest layers: {shown}")
+    print(f"  FP4 telemetry ({len(table)} rows): {out}/{recipe}_stats.csv, {out}/{recipe}_fp4_rates.png")
