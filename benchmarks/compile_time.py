@@ -9,6 +9,7 @@ Run once per backend, each in its own process, so no kernel is shared:
     python benchmarks/compile_time.py --backend inductor
     python benchmarks/compile_time.py --backend fp4 --recipe paper
     python benchmarks/compile_time.py --backend fp4 --recipe paper --regional
+    python benchmarks/compile_time.py --small --regional            # smoke run (tiny preset, batch 2 x 32)
 
 The phases overlap (C++ compiles run in worker processes while lowering goes
 on, and some timers contain others), so they do not add up to the wall time.
@@ -41,8 +42,11 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--regional", action="store_true", help="compile each transformer block on its own")
+    parser.add_argument("--small", action="store_true", help="smoke run: tiny preset, batch 2 x 32 tokens")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    if args.small:
+        args.preset, args.batch, args.seq = "tiny", 2, 32
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fp4compile-inductor-")
 
     import torch
@@ -80,7 +84,8 @@ def main(argv=None):
             print(f"| {title} | {timers[key]:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"backend": label, "first_step_s": wall, "cpp_kernels": kernels,
+            json.dump({"backend": label, "preset": args.preset, "batch": args.batch, "seq": args.seq,
+                       "first_step_s": wall, "cpp_kernels": kernels,
                        "timers_s": {key: timers.get(key) for _, key in PHASES}}, f, indent=1)
 
 

@@ -16,6 +16,9 @@ initial weights, batches and schedule):
   validation loss: tests whether DGE acts like a plain learning-rate cut.
 
       python benchmarks/dge_controls.py matrix-lr --lr 1e-3 --factor 0.69
+
+`--small` (either experiment) is a smoke run: the tiny preset on a 200 kB
+corpus with the tiny preset's batch shape, 3 steps of the schedule.
 """
 from __future__ import annotations
 
@@ -34,8 +37,22 @@ class _StopTraining(Exception):
     pass
 
 
+# The smoke run's shape: the tiny preset, a small corpus, a 3-step schedule.
+SMALL = {"preset": "tiny", "max_bytes": 200_000, "steps": 3, "batch_size": 4, "seq_len": 32, "eval_sequences": 8}
+
+
+def _preset(args: argparse.Namespace) -> str:
+    return SMALL["preset"] if args.small else "cpu"
+
+
 def _train_config(args: argparse.Namespace, eval_every: int, eval_sequences: int) -> training.TrainConfig:
     defaults = bench_train.PRESET_TRAINING["cpu"]  # the schedule `bench train --preset cpu` uses
+    if args.small:
+        defaults = bench_train.PresetTraining(
+            steps=SMALL["steps"], batch_size=SMALL["batch_size"], seq_len=SMALL["seq_len"], lr=defaults.lr,
+            eval_sequences=SMALL["eval_sequences"], max_bytes=SMALL["max_bytes"],
+        )
+        eval_sequences = min(eval_sequences, SMALL["eval_sequences"])
     return training.TrainConfig(
         steps=defaults.steps, batch_size=defaults.batch_size, seq_len=defaults.seq_len,
         lr=args.lr, min_lr=args.lr / 10, warmup_steps=defaults.steps // 10,
@@ -43,8 +60,8 @@ def _train_config(args: argparse.Namespace, eval_every: int, eval_sequences: int
     )
 
 
-def _splits() -> tuple[torch.Tensor, torch.Tensor]:
-    max_bytes = bench_train.PRESET_TRAINING["cpu"].max_bytes
+def _splits(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    max_bytes = SMALL["max_bytes"] if args.small else bench_train.PRESET_TRAINING["cpu"].max_bytes
     return split_train_val(load_corpus(None, max_bytes=max_bytes), bench_train.VAL_FRACTION)
 
 
@@ -57,9 +74,9 @@ def _parse_overrides(pairs: list[str]) -> dict:
 
 
 def run_early(args: argparse.Namespace) -> None:
-    train_data, val_data = _splits()
+    train_data, val_data = _splits(args)
     cfg = _train_config(args, eval_every=10**9, eval_sequences=16)  # no evaluation inside the window
-    model = training.build_model(preset("cpu"), args.seed)
+    model = training.build_model(preset(_preset(args)), args.seed)
     options = bench_train.recipe_options(args.recipe) | _parse_overrides(args.set)
     forward = torch.compile(model, backend=args.backend, options=options)
     records = []
@@ -108,9 +125,9 @@ def run_matrix_lr(args: argparse.Namespace) -> None:
         )
 
     training.make_optimizer = make_optimizer  # train() builds its optimizer through this name
-    train_data, val_data = _splits()
+    train_data, val_data = _splits(args)
     cfg = _train_config(args, eval_every=10**9, eval_sequences=bench_train.PRESET_TRAINING["cpu"].eval_sequences)
-    model = training.build_model(preset("cpu"), args.seed)
+    model = training.build_model(preset(_preset(args)), args.seed)
     result = training.train(model, model, cfg, train_data, val_data, progress=False)
     print(f"unquantized, peak lr {args.lr:g}, block matrices x{args.factor:g}, seed {args.seed}: "
           f"final val loss {result.final_val_loss:.4f}")
@@ -130,6 +147,7 @@ def main() -> None:
         p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
         p.add_argument("--grad-clip", type=float, default=1.0)
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--small", action="store_true", help="smoke run: tiny preset, small corpus, 3 steps")
     args = parser.parse_args()
     (run_early if args.experiment == "early" else run_matrix_lr)(args)
 
