@@ -73,10 +73,11 @@ def resolve_target(config: Fp4Config, example_inputs) -> str:
 def _root_modules(gm):
     """The modules dynamo is compiling (usually one, the model), or None.
 
-    The parameters' sources name the root local (e.g. L['self']); the frame being
-    traced holds it. Returns None when that cannot be found (a plain function).
+    The parameters' sources name the root local (L['self'], or L['args'][0] under a
+    `(*args, **kwargs)` wrapper); the frame being traced holds it. Returns None
+    when that cannot be found (a plain function).
     """
-    import re
+    from .passes.find_sites import ROOT_SOURCE
 
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
@@ -85,10 +86,13 @@ def _root_modules(gm):
         roots = set()
         for node in gm.graph.nodes:
             source = getattr(getattr(node.meta.get("grapharg"), "source", None), "name", None)
-            match = re.match(r"L\['([^']+)'\]", source) if isinstance(source, str) else None
+            match = ROOT_SOURCE.match(source) if isinstance(source, str) else None
             if match and "_parameters[" in source:
-                roots.add(match.group(1))
-        modules = [tx.f_locals.get(r) for r in roots]
+                roots.add((match.group(1), match.group(2)))
+        modules = []
+        for local, index in roots:
+            value = tx.f_locals.get(local)
+            modules.append(value[int(index)] if index is not None and isinstance(value, (tuple, list)) else value)
     except Exception:  # dynamo internals moved: skip the check rather than fail
         return None
     modules = [m for m in modules if isinstance(m, torch.nn.Module)]

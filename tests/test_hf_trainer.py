@@ -120,3 +120,29 @@ def test_bad_option_exits_with_a_message_naming_it(argv, named, tmp_path, capsys
     err = capsys.readouterr().err
     assert named in err, err
     assert not any(tmp_path.iterdir())  # stopped before training or saving
+
+
+def test_per_layer_policy_sees_full_names_and_modules_of_a_whole_hf_model():
+    """HF wraps `forward` in (*args, **kwargs) decorators (the root is L['args'][0] to
+    dynamo): names, filter_fn's module objects and keep_first_last must still resolve."""
+    import fp4compile
+
+    torch.manual_seed(0)
+    model = example.build_model(hidden=64, layers=3, heads=4, seq_len=16, seed=0)
+    seen = {}
+
+    def no_gate(module, fqn):
+        seen[fqn] = module
+        return not fqn.endswith("gate_proj")
+
+    fp4compile.reset()
+    compiled = torch.compile(model, backend="fp4_eager", options={"keep_first_last": 1, "filter_fn": no_gate})
+    compiled(input_ids=torch.randint(0, 256, (1, 16)))
+    decisions = {s.module_path: s.reason for r in fp4compile.reports() for s in r.sites}
+    fp4compile.reset()
+    assert seen["model.layers.1.mlp.up_proj"] is model.model.layers[1].mlp.up_proj
+    assert decisions["model.layers.1.mlp.gate_proj"] == "filter_fn returned False"
+    assert decisions["model.layers.1.self_attn.q_proj"] == ""
+    assert decisions["model.layers.0.mlp.down_proj"] == "keep_first_last=1 (block 0 of 3)"
+    assert decisions["model.layers.2.self_attn.o_proj"] == "keep_first_last=1 (block 2 of 3)"
+    assert decisions["lm_head"] == "skip list (lm_head)"

@@ -60,9 +60,14 @@ def _parameter_placeholders(gm: fx.GraphModule, example_inputs) -> dict:
 _KEY = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]|\.([A-Za-z_][A-Za-z0-9_]*)")
 
 
+# The compiled root module's own source: L['self'], or L['args'][0] when its
+# forward is wrapped by a (*args, **kwargs) decorator, as Hugging Face's are.
+ROOT_SOURCE = re.compile(r"^L\[['\"]([^'\"]+)['\"]\](?:\[(\d+)\])?")
+
+
 def _qualified_name(source: str) -> str:
-    """"L['self']._modules['fc']._parameters['weight']" -> "fc.weight"."""
-    body = source.split("]", 1)[1] if source.startswith("L[") else source
+    """"L['self']._modules['fc']._parameters['weight']" -> "fc.weight" (also from "L['args'][0]...")."""
+    body = ROOT_SOURCE.sub("", source, count=1)
     parts = []
     for key, attr in _KEY.findall(body):
         name = key or attr
