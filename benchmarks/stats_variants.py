@@ -41,7 +41,6 @@ def quantize_only(x):
 
 
 def quantize_and_stats(x):
-    from fp4compile.runtime.gemm import is_vector_scale  # noqa: F401  (same module set as the lowering)
     from fp4compile.runtime.occ import occ_split, occ_thresholds
     from fp4compile.runtime.quantize import quantize
 
@@ -90,7 +89,9 @@ def main(argv=None):
         row["in-kernel extra ms per step"] = row["quantize+stats ms"] - row["quantize ms"]
         rows.append(row)
         print(row, flush=True)
-    result = {"command": "python benchmarks/stats_variants.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    omp = os.environ.get("OMP_NUM_THREADS")
+    result = {"command": (f"OMP_NUM_THREADS={omp} " if omp else "") + "python benchmarks/stats_variants.py "
+              + " ".join(argv if argv is not None else sys.argv[1:]),
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "load_avg_1_5_15_start": load_start, "load_avg_1_5_15_end": os.getloadavg(), "rows": rows}
     if args.json:

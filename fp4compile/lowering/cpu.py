@@ -32,7 +32,6 @@ import torch.fx as fx
 from ..runtime.gemm import is_vector_scale
 from ..runtime.occ import occ_split, occ_thresholds
 from ..runtime.quantize import compute_dtype, quantize
-from ..runtime.stats import activation_stats_vector
 
 LOWERING_NAME = "cpu: one GEMM per product on the compensated activation"
 
@@ -67,40 +66,6 @@ def compensated_activation_op(x, alpha_num: int, alpha_den: int, scope: str, fmt
     return _CompensatedActivation.apply(x, alpha_num, alpha_den, scope, fmt, granularity)
 
 
-class _CompensatedActivationStats(torch.autograd.Function):
-    """`_CompensatedActivation` that also returns the activation's telemetry vector.
-
-    The statistics (runtime/stats.py) reduce the tensors this op already reads
-    and writes (x, the clamped x, the grid values and scales), so Inductor
-    computes them in the same generated kernels. Used only with `stats_interval > 0`.
-    """
-
-    @staticmethod
-    def forward(ctx, x, alpha_num, alpha_den, scope, fmt, granularity):
-        x_hp = x.to(compute_dtype(x.dtype))
-        upper, lower = occ_thresholds(x_hp, alpha_num, alpha_den, scope)
-        clamped, residual = occ_split(x_hp, upper, lower)
-        x_q, x_s = quantize(clamped, granularity=granularity, fmt=fmt)
-        stats = activation_stats_vector(x_hp, clamped, x_q, x_s, clamped=True, compensated=True)
-        if is_vector_scale(x_s):
-            x_comp = x_q + residual / x_s
-        else:
-            x_comp = x_q * x_s + residual
-            x_s = torch.ones([1] * x_comp.dim(), dtype=x_comp.dtype, device=x_comp.device)
-        ctx.in_dtype = x.dtype
-        ctx.mark_non_differentiable(x_s, stats)
-        return x_comp, x_s, stats
-
-    @staticmethod
-    def backward(ctx, grad_comp, grad_scale, grad_stats):
-        return grad_comp.to(ctx.in_dtype), None, None, None, None, None
-
-
-def compensated_activation_stats_op(x, alpha_num: int, alpha_den: int, scope: str, fmt: str, granularity: str):
-    """(x_comp, x_s, activation statistics vector): `compensated_activation_op` with telemetry."""
-    return _CompensatedActivationStats.apply(x, alpha_num, alpha_den, scope, fmt, granularity)
-
-
 def _getitems(node: fx.Node) -> dict:
     return {user.args[1]: user for user in node.users if user.target is operator.getitem}
 
@@ -124,19 +89,14 @@ def _fuse_activation(graph: fx.Graph, roles: dict):
     clamp, act = roles["clamp"], roles["act"]
     x, alpha_num, alpha_den, scope = clamp.args
     _, fmt, granularity = act.args
-    stats = roles.get("act_stats")  # telemetry on: the fused op computes the statistics too
-    op = compensated_activation_op if stats is None else compensated_activation_stats_op
     with graph.inserting_before(act):
-        fused = graph.call_function(op, (x, alpha_num, alpha_den, scope, fmt, granularity))
+        fused = graph.call_function(
+            compensated_activation_op, (x, alpha_num, alpha_den, scope, fmt, granularity)
+        )
         x_comp = graph.call_function(operator.getitem, (fused, 0))
         x_s = graph.call_function(operator.getitem, (fused, 1))
-        new_stats = graph.call_function(operator.getitem, (fused, 2)) if stats is not None else None
-    for node in (fused, x_comp, x_s, new_stats):
-        if node is not None:
-            node.meta.update({k: act.meta[k] for k in ("nn_module_stack", "fp4_site") if k in act.meta})
-    if stats is not None:
-        stats.replace_all_uses_with(new_stats)
-        graph.erase_node(stats)
+    for node in (fused, x_comp, x_s):
+        node.meta.update({k: act.meta[k] for k in ("nn_module_stack", "fp4_site") if k in act.meta})
     return fused, x_comp, x_s
 
 

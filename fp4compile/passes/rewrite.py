@@ -41,17 +41,17 @@ def _quantize_activation(graph: fx.Graph, x, config, inserted: list, roles: dict
         act, x_q, x_s = _pair(graph, linear_ops._passthrough, (x_in,))
     inserted.append(act)
     roles["act"] = act
-    if config.stats_interval:  # telemetry: the activation's statistics, once per activation
-        roles["act_stats"] = graph.call_function(
-            telemetry.activation_stats_op, (x, x_in, x_q, x_s, config.occ_alpha is not None, config.occ_compensate)
-        )
-        inserted.append(roles["act_stats"])
     return x_q, x_s, residual
 
 
-def _register_stats(site, config, graph_id: int) -> int:
-    """The telemetry key of one site, which its probes carry."""
-    return telemetry.register_site(telemetry.SiteSpec(graph_id, site.module_path, config.stats_interval))
+def _register_stats(site, config, graph_id: int, act_key: int) -> int:
+    """The telemetry key of one site: what its probes need to recompute its statistics."""
+    occ = (*alpha_fraction(config.occ_alpha), config.occ_scope) if config.occ_alpha is not None else None
+    return telemetry.register_site(telemetry.SiteSpec(
+        graph_id=graph_id, module_path=site.module_path, interval=config.stats_interval, occ=occ,
+        act_fmt=config.act_fmt, act_granularity=config.act_granularity, compensate=config.occ_compensate,
+        weight_transposed=site.weight_layout != "out_in", act_key=act_key,
+    ))
 
 
 def _rewrite_one(graph: fx.Graph, site, config, shared: dict, graph_id: int = -1) -> tuple:
@@ -96,14 +96,15 @@ def _rewrite_one(graph: fx.Graph, site, config, shared: dict, graph_id: int = -1
         roles["weight"] = wq
         stats_key, gemm_w_s, probes = None, w_s, []
         if config.stats_interval:
-            # Telemetry (runtime/stats.py): the site's statistics vector goes to the
-            # forward probe, whose 1.0 multiplies the weight scale the GEMM reads
-            # (which keeps the probe in the compiled graph).
-            stats_key = _register_stats(site, config, graph_id)
-            vector = graph.call_function(telemetry.site_stats_op, (roles["act_stats"], w_out_in, w_q, w_s))
-            gemm_w_s = graph.call_function(telemetry.probed_weight_scale, (vector, weight, w_s, stats_key))
+            # Telemetry (runtime/stats.py): the forward probe's 1.0 multiplies the
+            # weight scale the GEMM reads, which keeps the probe in the compiled graph.
+            act_keys = shared.setdefault("stats_act_keys", {})
+            if x not in act_keys:
+                act_keys[x] = telemetry.new_activation_key()
+            stats_key = _register_stats(site, config, graph_id, act_keys[x])
+            gemm_w_s = graph.call_function(telemetry.probed_weight_scale, (x, weight, w_q, w_s, stats_key))
             roles["stats_forward"] = gemm_w_s
-            probes += [vector, gemm_w_s]
+            probes.append(gemm_w_s)
         # Both operands on an FP8-representable grid: CUDA may run the GEMMs in FP8.
         fp8_grid = config.act_fmt is not None and config.weight_fmt is not None
         y = graph.call_function(
