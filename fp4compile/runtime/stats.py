@@ -28,7 +28,7 @@ evaluation forwards between training steps do not advance the counter.
 
 Why not compute the statistics inside the quantization kernels on every step
 and keep one step in N: that variant was built and measured on the demo model
-(CPU, Inductor): +23% step time at N = 10, against +12% for this one, because
+(CPU, Inductor, N = 10): +23% mean step time, against +10% for this one, because
 Inductor turns each full-tensor reduction over the clamped and quantized
 activation into extra kernels that recompute the quantization
 (docs/telemetry.md, benchmarks/results/step_time_cpu_demo_stats10*.json).
