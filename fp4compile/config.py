@@ -81,6 +81,9 @@ class Fp4Config:
     # Telemetry (fp4compile.stats()): record per-site statistics every N training
     # steps; 0 (the default) inserts nothing, so the compiled graph is unchanged.
     stats_interval: int = 0
+    # On target "cuda", keep in high precision the sites whose quantized recipe
+    # is modelled slower than BF16 at their size (lowering/cuda_policy.py).
+    cuda_size_policy: bool = True
 
     def __post_init__(self):
         if isinstance(self.skip, (list, str)):
@@ -127,6 +130,8 @@ class Fp4Config:
                              "in high precision at each end)")
         if not _is_int(self.min_features) or self.min_features < 0:
             raise ValueError(f"min_features={self.min_features!r} is invalid: an integer >= 0")
+        if not isinstance(self.cuda_size_policy, bool):
+            raise ValueError(f"cuda_size_policy={self.cuda_size_policy!r} is invalid: True or False")
         if not _is_int(self.stats_interval) or self.stats_interval < 0:
             raise ValueError(f"stats_interval={self.stats_interval!r} is invalid: an integer >= 0 (record FP4 "
                              "statistics every N training steps; 0 turns them off)")

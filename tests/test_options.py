@@ -41,6 +41,7 @@ BAD_FIELD_VALUES = {
     "min_features": (2.5, r"min_features=2\.5 is invalid: an integer >= 0"),
     "target": ("tpu", r"target='tpu' is invalid; valid values: 'auto', 'cpu', 'cuda'"),
     "stats_interval": (-1, r"stats_interval=-1 is invalid: an integer >= 0"),
+    "cuda_size_policy": ("yes", r"cuda_size_policy='yes' is invalid: True or False"),
 }
 
 

@@ -302,11 +302,14 @@ def kernels_of_graph(graph, shape: LayerShape) -> list:
     return kernels
 
 
-def lowered_linear_graph(recipe: str, fp8_tensor_cores: bool = True, m: int = 32, k: int = 64, n: int = 48):
+def lowered_linear_graph(recipe: str, fp8_tensor_cores: bool = True, m: int = 32, k: int = 64, n: int = 48,
+                         overrides: dict | None = None):
     """(graph, report) of one bf16 `nn.Linear(k, n)` as the CUDA lowering produces it, built on CPU.
 
     The graph's structure does not depend on the sizes, so a small layer is
-    traced; `bf16` is the unquantized graph (no fp4 pass).
+    traced (with the CUDA size policy off, which would keep it in BF16);
+    `bf16` is the unquantized graph (no fp4 pass). `overrides`: config fields
+    on top of the recipe.
     """
     import torch
 
@@ -321,7 +324,8 @@ def lowered_linear_graph(recipe: str, fp8_tensor_cores: bool = True, m: int = 32
         else:
             with cuda.assume_fp8_tensor_cores(fp8_tensor_cores):
                 captured["report"] = fp4_backend_module.prepare(
-                    gm, example_inputs, {"recipe": recipe, "target": "cuda"}, "fp4", lower=True)
+                    gm, example_inputs, {"recipe": recipe, "target": "cuda", "cuda_size_policy": False,
+                                         **(overrides or {})}, "fp4", lower=True)
         captured["gm"] = gm
         return gm.forward
 

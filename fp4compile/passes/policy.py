@@ -3,7 +3,9 @@
 Order of the checks: the recipe, the user's per-layer policy (`skip`,
 `keep_modules`, `filter_fn`, `keep_first_last`), what the pass can take (2-D
 floating weights, block sizes), the size policy, and the target hardware's GEMM
-constraints. The first failing check is the reason reported.
+constraints, then on CUDA the modelled size policy (`lowering/cuda_policy.py`:
+a site whose recipe is predicted slower than BF16 stays in high precision). The
+first failing check is the reason reported.
 """
 from __future__ import annotations
 
@@ -139,6 +141,10 @@ def decide(site, config, target: str, context: ModelContext | None = None) -> st
         return f"smaller than min_features={config.min_features} (K={k}, N={n})"
     if target == "cuda" and (k % CUDA_GEMM_ALIGNMENT or n % CUDA_GEMM_ALIGNMENT):
         return f"K={k}, N={n} not multiples of {CUDA_GEMM_ALIGNMENT} (FP8 GEMM alignment)"
+    if target == "cuda" and config.cuda_size_policy:
+        from ..lowering.cuda_policy import size_policy_reason
+
+        return size_policy_reason(config, site.act_shape[:-1], k, n)
     return ""
 
 
