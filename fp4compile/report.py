@@ -135,9 +135,12 @@ def reports() -> list[GraphReport]:
 
 
 def reset() -> None:
-    """Clear the reports and dynamo's compiled-code caches (torch.compiler.reset())."""
+    """Clear the reports, the telemetry records and dynamo's compiled-code caches (torch.compiler.reset())."""
     import torch
+
+    from .runtime import stats as telemetry
 
     with _lock:
         _reports.clear()
+    telemetry.clear()
     torch.compiler.reset()
