@@ -149,7 +149,7 @@ def run_train_step(budget: float) -> dict:
                 if variant == "bf16":
                     block.compile(backend="inductor")
                 else:
-                    block.compile(backend="fp4", options={"recipe": variant})
+                    block.compile(backend="fp4", options={"recipe": variant, "cuda_size_policy": False})
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             idx = torch.randint(0, model.config.vocab_size, TRAIN_BATCH, device="cuda")
 

@@ -143,7 +143,7 @@ def time_linears(args, device, timer, deadline=None):
                 if variant == "bf16":
                     fn = torch.compile(layer, backend="inductor")
                 else:
-                    fn = torch.compile(layer, backend="fp4", options={"recipe": variant})
+                    fn = torch.compile(layer, backend="fp4", options={"recipe": variant, "cuda_size_policy": False})
                 step = linear_step(layer, fn, x, grad_out)
                 _, code = run_and_get_code(step)  # compiles forward and backward
                 uses_fp8 = any("_scaled_mm" in c for c in code)

@@ -62,7 +62,7 @@ def run_variant(variant: str, args, device: str) -> dict:
     if variant == "bf16":
         compiled = torch.compile(model, backend="inductor")
     else:
-        compiled = torch.compile(model, backend="fp4", options={"recipe": variant})
+        compiled = torch.compile(model, backend="fp4", options={"recipe": variant, "cuda_size_policy": False})
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=device == "cuda")
     gen = torch.Generator().manual_seed(1)

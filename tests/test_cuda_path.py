@@ -163,7 +163,7 @@ def _aten_gemms_of_lowered_linear(recipe, m=32, k=256, n=48):
 
     def backend(gm, example_inputs):
         with cuda.assume_fp8_tensor_cores(True):
-            prepare(gm, example_inputs, {"recipe": recipe, "target": "cuda"}, "fp4", lower=True)
+            prepare(gm, example_inputs, {"recipe": recipe, "target": "cuda", "cuda_size_policy": False}, "fp4", lower=True)
         return aot_autograd(fw_compiler=keep, bw_compiler=keep)(gm, example_inputs)
 
     torch._dynamo.reset()
@@ -406,7 +406,7 @@ def test_compiled_model_runs_fp8_gemms_and_quantize_kernels(recipe):
 
     fp4compile.reset()
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="fp4", options={"recipe": recipe})
+    compiled = torch.compile(model, backend="fp4", options={"recipe": recipe, "cuda_size_policy": False})
     outs, code = run_and_get_code(lambda: _run_step(model, compiled, x, grad_out))
     reports = fp4compile.reports()
     assert reports and len(reports[0].quantized) == 2, "both linears must be quantized"

@@ -100,7 +100,7 @@ def test_policy_skip_min_features_and_cuda_alignment():
     assert reasons["big"].startswith("skip list")
     assert "min_features" in reasons["small"] and "min_features" in reasons["odd"]
     fp4compile.reset()
-    torch.compile(m, backend="fp4_eager", options={"target": "cuda"})(x)
+    torch.compile(m, backend="fp4_eager", options={"target": "cuda", "cuda_size_policy": False})(x)
     reasons = {s.module_path: s.reason for s in _only_report().sites}
     assert reasons["big"] == "" and "multiple" in reasons["small"] and "multiple" in reasons["odd"]
 

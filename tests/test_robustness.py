@@ -137,7 +137,7 @@ def test_untakeable_sites_stay_high_precision_with_reasons_and_no_graph_break():
     torch.manual_seed(0)
     model = Untakeable()
     x = torch.randn(4, 32)
-    y = torch.compile(model, backend=BACKEND, options={"target": "cuda"})(x)
+    y = torch.compile(model, backend=BACKEND, options={"target": "cuda", "cuda_size_policy": False})(x)
     reports = fp4compile.reports()
     assert len(reports) == 1  # no graph break of ours
     reasons = {s.weight_name: s.reason for s in reports[0].sites}

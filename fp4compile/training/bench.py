@@ -141,6 +141,8 @@ def compile_for_recipe(model: torch.nn.Module, recipe: str, backend: str, stats_
         recipe_options(recipe)  # still reject unknown recipe names
         return torch.compile(model, backend=backend)
     options = recipe_options(recipe)
+    # Quality runs compare recipes on every layer: no layer kept in BF16 for speed on CUDA.
+    options["cuda_size_policy"] = False
     if stats_interval:
         options["stats_interval"] = stats_interval
     return torch.compile(model, backend=backend, options=options)
