@@ -171,8 +171,8 @@ def test_bench_writes_csvs_plot_and_paired_summary(tmp_path):
 def test_bench_reports_divergence_and_finishes_other_recipes(tmp_path, monkeypatch):
     stock_compile = bench_train.compile_for_recipe
 
-    def compile_with_nan_for_fp8(model, recipe, backend):
-        compiled = stock_compile(model, recipe, backend)
+    def compile_with_nan_for_fp8(model, recipe, backend, stats_interval=0):
+        compiled = stock_compile(model, recipe, backend, stats_interval)
         if recipe != "fp8":
             return compiled
         calls = {"training": 0}
@@ -209,9 +209,9 @@ def test_bench_resume_skips_finished_runs_and_continues_interrupted_ones(tmp_pat
     stock_compile = bench_train.compile_for_recipe
     compiled_recipes = []
 
-    def interrupt_paper_at_step_4(model, recipe, backend):
+    def interrupt_paper_at_step_4(model, recipe, backend, stats_interval=0):
         compiled_recipes.append(recipe)
-        compiled = stock_compile(model, recipe, backend)
+        compiled = stock_compile(model, recipe, backend, stats_interval)
         if recipe != "paper":
             return compiled
         calls = {"training": 0}
