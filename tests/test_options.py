@@ -89,10 +89,11 @@ def test_keep_first_last_needs_the_blocks():
 def test_env_options_reach_the_same_config_as_options(monkeypatch):
     options = {"recipe": "fp4-direct", "min_features": 8, "skip": ["lm_head"]}
     idx = torch.randint(0, 64, (1, 8))
-    torch.compile(NanoGPT(), backend="fp4_eager", options=options)(idx)
+    tiny = lambda: NanoGPT(d=16, n_layer=1)  # noqa: E731
+    torch.compile(tiny(), backend="fp4_eager", options=options)(idx)
     monkeypatch.setenv(fp4compile.OPTIONS_ENV, json.dumps(options))
-    torch.compile(NanoGPT(), backend="fp4_eager")(idx)
-    fp4compile.compile_model(NanoGPT(), options=options, regional=False)(idx)
+    torch.compile(tiny(), backend="fp4_eager")(idx)
+    fp4compile.compile_model(tiny(), options=options, regional=False)(idx)
     configs = [r.config for r in fp4compile.reports()]
     assert len(configs) == 3
     assert configs[0] == configs[1] == configs[2] == Fp4Config.from_options(options)
@@ -152,18 +153,12 @@ def test_keep_modules_reports_the_given_reason():
 
 def test_compile_model_keeps_class_and_signature_and_regional_reuses_one_graph_per_policy():
     torch.manual_seed(0)
-    model = NanoGPT(n_layer=4)
-    reference = NanoGPT(n_layer=4)
-    reference.load_state_dict(model.state_dict())
-    same = fp4compile.compile_model(model, "bf16", regional=True, keep_first_last=1)
-    assert same is model and type(model) is NanoGPT
     idx = torch.randint(0, 64, (2, 8))
-    torch.testing.assert_close(model(idx), reference(idx))  # bf16 recipe: nothing quantized
-    fp4compile.reset()
-
     model = NanoGPT(n_layer=4)
-    fp4compile.compile_model(model, "paper", regional=True, keep_first_last=1,
-                             filter_fn=lambda m, fqn: not fqn.endswith("attn.c_proj"))
+    same = fp4compile.compile_model(model, "paper", regional=True, keep_first_last=1,
+                                    filter_fn=lambda m, fqn: not fqn.endswith("attn.c_proj"))
+    assert same is model and type(model) is NanoGPT
+    assert all(getattr(block, "_compiled_call_impl", None) is not None for block in model.h)
     model(idx)
     reports = fp4compile.reports()
     # Blocks 0 and 3 share one graph (all kept), blocks 1 and 2 another: two compiles, not four.
