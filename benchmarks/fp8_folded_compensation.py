@@ -34,13 +34,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from outlier_channels import _quantized_linears, _site_of, train  # noqa: E402
+from outlier_channels import _quantized_linears, _site_of, measure_init_and_trained  # noqa: E402
 
 from fp4compile.runtime.formats import round_fp8  # noqa: E402
-from fp4compile.runtime.occ import alpha_fraction, occ_split, occ_thresholds  # noqa: E402
+from fp4compile.runtime.occ import occ_split, occ_thresholds  # noqa: E402
 from fp4compile.runtime.quantize import quantize  # noqa: E402
-from fp4compile.training.data import BatchSampler, load_corpus, split_train_val  # noqa: E402
-from fp4compile.training.models.llama import Llama, preset  # noqa: E402
 
 E4M3_MAX = 448.0
 
@@ -101,16 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    torch.manual_seed(args.seed)
-    num, den = alpha_fraction(args.alpha)
-    train_data, val_data = split_train_val(load_corpus())
-    model = Llama(preset(args.preset))
-    val = BatchSampler(val_data, args.batch, args.seq, seed=args.seed + 1)
-    held_out = [val.next_batch() for _ in range(args.batches)]
-    start = time.perf_counter()
-    rows = [dict(r, stage="init") for r in measure(model, held_out, num, den)]
-    loss = train(model, train_data, args)
-    rows += [dict(r, stage=f"trained {args.steps} steps") for r in measure(model, held_out, num, den)]
+    rows, loss, start = measure_init_and_trained(args, measure)
     stages = {}
     for r in rows:
         stages.setdefault(r["stage"], []).append(r)

@@ -146,8 +146,11 @@ def summarize(rows) -> list:
     return out
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def measure_init_and_trained(args, measure_fn):
+    """Rows of `measure_fn(model, held_out, num, den)` at init and after `args.steps` steps.
+
+    Returns (rows tagged with their stage, final training loss, start time).
+    """
     torch.manual_seed(args.seed)
     num, den = alpha_fraction(args.alpha)
     train_data, val_data = split_train_val(load_corpus())
@@ -155,9 +158,15 @@ def main(argv=None) -> int:
     val = BatchSampler(val_data, args.batch, args.seq, seed=args.seed + 1)
     held_out = [val.next_batch() for _ in range(args.batches)]
     start = time.perf_counter()
-    rows = [dict(r, stage="init") for r in measure(model, held_out, num, den)]
+    rows = [dict(r, stage="init") for r in measure_fn(model, held_out, num, den)]
     loss = train(model, train_data, args)
-    rows += [dict(r, stage=f"trained {args.steps} steps") for r in measure(model, held_out, num, den)]
+    rows += [dict(r, stage=f"trained {args.steps} steps") for r in measure_fn(model, held_out, num, den)]
+    return rows, loss, start
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rows, loss, start = measure_init_and_trained(args, measure)
     summary = summarize(rows)
     header = ["stage", "site", "K", "M", "columns", "column_share", "C_k32", "coverage_k32", "mass_k32",
               "C_cap", "coverage_cap", "mass_cap"]
