@@ -37,7 +37,16 @@ class Fp4OptionsError(ValueError, *((_PropagatedByDynamo,) if _PropagatedByDynam
             ValueError.__init__(self, message)
 
 
-GRAD_FORMATS = ("e5m2",)
+GRAD_FORMATS = ("e5m2", "e2m1")
+# Gradient scaling groups: "tensor" is the power-of-two rule of
+# `runtime.quantize.quantize_gradient` (split-invariant, docs/distributed.md);
+# the block granularities are NVFP4's and MXFP4's (docs/recipes.md).
+GRAD_GRANULARITIES = ("tensor", "block16", "block32")
+ROUNDINGS = ("nearest", "stochastic")
+# Random Hadamard transform on both inputs of the weight-gradient GEMM: the
+# block length along the reduced (token) dimension, 0 for none.
+HADAMARD_BLOCKS = (0, 16, 32)
+CUDA_COMPENSATIONS = ("fp8_folded", "channels")
 TARGETS = ("auto", "cpu", "cuda")
 # Embeddings are lookups, not matmuls, so they never reach the pass; the output
 # projection is kept in high precision by default, as most FP8/FP4 recipes do.
@@ -65,6 +74,12 @@ class Fp4Config:
     act_fmt: str | None = "e2m1"
     act_granularity: str = "row"
     grad_fmt: str | None = "e5m2"
+    grad_granularity: str = "tensor"
+    grad_rounding: str = "nearest"
+    hadamard: int = 0
+    # Seeds the Hadamard sign vector (the same signs every step, so the seed
+    # alone reproduces it; it is in the config, so in the compiled-graph key).
+    hadamard_seed: int = 0
     dge_k: float = 5.0
     dge_clamp: float | None = 3.0
     occ_alpha: float | None = 0.99
@@ -84,6 +99,11 @@ class Fp4Config:
     # On target "cuda", keep in high precision the sites whose quantized recipe
     # is modelled slower than BF16 at their size (lowering/cuda_policy.py).
     cuda_size_policy: bool = True
+    # How the CUDA lowering adds the OCC compensation (docs/cuda.md):
+    # "fp8_folded" rides in the FP8 activation codes, E4M3(x_q + r / x_s), so the
+    # layer runs fp4-direct's three FP8 GEMMs; "channels" multiplies the residual
+    # exactly, on dense BF16 GEMMs over its most populated channels.
+    cuda_compensation: str = "fp8_folded"
 
     def __post_init__(self):
         if isinstance(self.skip, (list, str)):
@@ -91,6 +111,10 @@ class Fp4Config:
         _check_choice("weight_fmt", self.weight_fmt, FORMATS + (None,))
         _check_choice("act_fmt", self.act_fmt, FORMATS + (None,))
         _check_choice("grad_fmt", self.grad_fmt, GRAD_FORMATS + (None,))
+        _check_choice("grad_granularity", self.grad_granularity, GRAD_GRANULARITIES)
+        _check_choice("grad_rounding", self.grad_rounding, ROUNDINGS)
+        _check_choice("hadamard", self.hadamard, HADAMARD_BLOCKS)
+        _check_choice("cuda_compensation", self.cuda_compensation, CUDA_COMPENSATIONS)
         _check_choice("weight_granularity", self.weight_granularity, GRANULARITIES)
         _check_choice("act_granularity", self.act_granularity, GRANULARITIES)
         _check_choice("occ_scope", self.occ_scope, OCC_SCOPES)
@@ -130,11 +154,31 @@ class Fp4Config:
                              "in high precision at each end)")
         if not _is_int(self.min_features) or self.min_features < 0:
             raise ValueError(f"min_features={self.min_features!r} is invalid: an integer >= 0")
+        if self.grad_fmt is None and (self.grad_rounding != "nearest" or self.grad_granularity != "tensor"):
+            raise ValueError(f"grad_rounding={self.grad_rounding!r} and grad_granularity={self.grad_granularity!r} "
+                             "need a gradient format: set grad_fmt ('e5m2' or 'e2m1')")
+        if self.hadamard and (self.grad_fmt is None or self.act_fmt is None):
+            raise ValueError(f"hadamard={self.hadamard!r} needs quantized gradients and activations (grad_fmt and "
+                             "act_fmt): it rotates the weight-gradient GEMM's inputs before they are quantized")
+        if not _is_int(self.hadamard_seed) or self.hadamard_seed < 0:
+            raise ValueError(f"hadamard_seed={self.hadamard_seed!r} is invalid: an integer >= 0")
         if not isinstance(self.cuda_size_policy, bool):
             raise ValueError(f"cuda_size_policy={self.cuda_size_policy!r} is invalid: True or False")
         if not _is_int(self.stats_interval) or self.stats_interval < 0:
             raise ValueError(f"stats_interval={self.stats_interval!r} is invalid: an integer >= 0 (record FP4 "
                              "statistics every N training steps; 0 turns them off)")
+
+    @property
+    def requantizes_weight_gradient(self) -> bool:
+        """True when the weight-gradient GEMM quantizes its own operands along the tokens.
+
+        The NVFP4/MXFP4 route (docs/recipes.md): both inputs of dW = dY^T X are
+        (optionally Hadamard-rotated and) block-quantized along the token
+        dimension it reduces, X from the layer's high-precision input. Otherwise
+        the weight gradient reuses the forward's quantized activation (SPEC.md
+        section 5).
+        """
+        return self.hadamard > 0 or self.grad_granularity != "tensor" or self.grad_fmt == "e2m1"
 
     @property
     def quantizes(self) -> bool:
@@ -191,4 +235,17 @@ RECIPES: dict[str, dict] = {
     "w8a4": dict(weight_fmt="e4m3", dge_clamp=None),
     "fp8": dict(weight_fmt="e4m3", act_fmt="e4m3", dge_clamp=None, occ_alpha=None),
     "bf16": _HIGH_PRECISION,
+    # NVFP4 (NVIDIA, 2025): 1x16 blocks with E4M3 scales times an FP32 tensor
+    # scale, 16x16 weight tiles (W and W^T quantize alike), FP4 gradients with
+    # stochastic rounding, a 16-point random Hadamard transform on the
+    # weight-gradient GEMM's inputs. No DGE, no OCC (docs/recipes.md).
+    "nvfp4": dict(weight_granularity="block16x16", act_granularity="block16", grad_fmt="e2m1",
+                  grad_granularity="block16", grad_rounding="stochastic", hadamard=16,
+                  dge_clamp=None, occ_alpha=None),
+    # MXFP4 (OCP MX; Quartet's training recipe): 1x32 blocks with power-of-two
+    # E8M0 scales everywhere, FP4 gradients with stochastic rounding, a
+    # 32-point random Hadamard transform on the weight-gradient GEMM's inputs.
+    "mxfp4": dict(weight_granularity="block32", act_granularity="block32", grad_fmt="e2m1",
+                  grad_granularity="block32", grad_rounding="stochastic", hadamard=32,
+                  dge_clamp=None, occ_alpha=None),
 }
