@@ -79,3 +79,48 @@ def quantize_groups(x: np.ndarray, group_axis_size: int | None, fmax: float, gri
         vals = np.vectorize(lambda v: round_grid(_div(v, scale, f32), grid))(block)
         values[rs, cs] = vals
     return values, scales
+
+
+def _mul(a, b, f32):
+    return float(np.float32(a) * np.float32(b)) if f32 else a * b
+
+
+def quantize_nvfp4_tiles(x: np.ndarray, tile_rows: int, tile_cols: int, f32: bool):
+    """NVFP4 two-level quantization of `x` (any ndim >= 2) in tiles over the last two dims.
+
+    Tiles of (1, 16) are the "block16" rule, (16, 16) the "block16x16" rule. Loops
+    over every tile of every leading index; E2M1 and E4M3 rounding by `round_grid`.
+    Tensor scale `amax_finite / (6 * 448)` (1 if 0); tile scale
+    `E4M3(amax_tile / 6 / tensor_scale) * tensor_scale`; a tile whose E4M3 scale is 0
+    becomes zeros (NaN kept) with scale 1; a tile holding an Inf gets scale Inf.
+    Returns (values, scale) arrays of x's shape.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    mags = np.where(np.isnan(x), 0.0, np.abs(x))
+    finite = mags[np.isfinite(mags)]
+    t_amax = float(finite.max()) if finite.size else 0.0
+    t_scale = 1.0 if t_amax == 0 else _div(t_amax, 6.0 * 448.0, f32)
+    values = np.empty_like(x)
+    scales = np.empty_like(x)
+    rows, cols = x.shape[-2:]
+    for lead in np.ndindex(*x.shape[:-2]):
+        for r in range(0, rows, tile_rows):
+            for c in range(0, cols, tile_cols):
+                idx = lead + (slice(r, r + tile_rows), slice(c, c + tile_cols))
+                tile = x[idx]
+                amax = float(mags[idx].max())
+                if math.isinf(amax):
+                    scale, flushed = math.inf, False
+                else:
+                    s_e4m3 = round_grid(_div(_div(amax, 6.0, f32), t_scale, f32), E4M3)
+                    scale = _mul(s_e4m3, t_scale, f32)
+                    flushed = scale == 0
+                    if flushed:
+                        scale = 1.0
+                scales[idx] = scale
+                if flushed:
+                    values[idx] = np.where(np.isnan(tile), np.nan, 0.0)
+                else:
+                    with np.errstate(invalid="ignore"):  # Inf / Inf scale: NaN, as intended
+                        values[idx] = np.vectorize(lambda v: round_grid(_div(v, scale, f32), E2M1))(tile)
+    return values, scales

@@ -1,6 +1,7 @@
 """Quantizers against the independent oracle: exact equality, every tie, saturation,
 zero groups, NaN/Inf, subnormal scales, all float dtypes, plus property tests."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 import fp4compile
 from fp4compile import fake_quantize, quantize
 
-from .oracles import E2M1, E4M3, quantize_groups, round_grid
+from .oracles import E2M1, E4M3, quantize_groups, quantize_nvfp4_tiles, round_grid
 
 TIES = [(0.25, 0.0), (0.75, 1.0), (1.25, 1.0), (1.75, 2.0), (2.5, 2.0), (3.5, 4.0), (5.0, 4.0)]
 
@@ -77,6 +78,74 @@ def test_block16_matches_oracle():
     _assert_same(scale, exp_s)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(5, 32), (3, 2, 48)])
+def test_block16_matches_tile_oracle_with_leading_dims(dtype, shape):
+    x = _random_magnitudes(math.prod(shape[:-1]), shape[-1], seed=4, lo=-3, hi=3).reshape(shape).to(dtype)
+    values, scale = quantize(x, granularity="block16")
+    exp_v, exp_s = quantize_nvfp4_tiles(x.double().numpy(), 1, 16, dtype == torch.float32)
+    _assert_same(values, exp_v)
+    _assert_same(scale, exp_s)
+
+
+def _random_tiles(shape, seed):
+    """Normal values times a per-16x16-tile power of ten, so the tile scales differ widely."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    tiles = (*shape[:-2], shape[-2] // 16, 1, shape[-1] // 16, 1)
+    expo = torch.randint(-4, 4, tiles, generator=gen).double()
+    return (x.reshape(*shape[:-2], shape[-2] // 16, 16, shape[-1] // 16, 16) * 10.0 ** expo).reshape(shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(16, 16), (32, 48), (3, 16, 64), (2, 3, 48, 32)])
+def test_block16x16_matches_tile_oracle(dtype, shape):
+    for seed in range(2):
+        x = _random_tiles(shape, seed).to(dtype)
+        values, scale = quantize(x, granularity="block16x16")
+        assert values.shape == x.shape and scale.shape == x.shape
+        exp_v, exp_s = quantize_nvfp4_tiles(x.double().numpy(), 16, 16, dtype == torch.float32)
+        _assert_same(values, exp_v)
+        _assert_same(scale, exp_s)
+        # The same oracle with 1x16 tiles is the block16 rule: the two differ.
+        assert not torch.equal(scale, quantize(x, granularity="block16")[1])
+
+
+def test_block16x16_flush_nan_inf():
+    x = _random_tiles((32, 32), seed=5)
+    x[:16, :16] *= 1e-12  # E4M3 tile scale underflows: the tile flushes to zeros
+    x[0, 0] = float("nan")  # ... but its NaN stays NaN
+    x[16, 20] = float("inf")  # an Inf tile gets scale Inf
+    x[20, 3] = float("nan")
+    values, scale = quantize(x, granularity="block16x16")
+    exp_v, exp_s = quantize_nvfp4_tiles(x.numpy(), 16, 16, False)
+    _assert_same(values, exp_v)
+    _assert_same(scale, exp_s)
+    assert (values[1:16, :16] == 0).all() and math.isnan(values[0, 0].item())
+    assert math.isinf(scale[16, 20].item()) and not torch.isfinite((values * scale)[16, 20])
+    assert math.isnan(values[20, 3].item()) and values[20, 4].item() == exp_v[20, 4]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(32, 48), (2, 64, 16), (3, 2, 16, 32)])
+def test_block16x16_transpose_quantizes_alike(dtype, shape):
+    x = _random_tiles(shape, seed=7).to(dtype)
+    values, scale = quantize(x, granularity="block16x16")
+    values_t, scale_t = quantize(x.transpose(-2, -1), granularity="block16x16")
+    assert torch.equal(values.transpose(-2, -1), values_t)
+    assert torch.equal(scale.transpose(-2, -1), scale_t)
+    # Not true of the 1-D blocks (the check can fail).
+    v16, _ = quantize(x, granularity="block16")
+    v16_t, _ = quantize(x.transpose(-2, -1), granularity="block16")
+    assert not torch.equal(v16.transpose(-2, -1), v16_t)
+
+
+@pytest.mark.parametrize("shape", [(32,), (16, 40), (40, 16), (2, 8, 32)])
+def test_block16x16_shape_errors_name_the_shape(shape):
+    with pytest.raises(ValueError, match=r"block16x16.*" + re.escape(str(tuple(shape)))):
+        quantize(torch.randn(*shape), granularity="block16x16")
+
+
 @pytest.mark.parametrize("tie, expected", TIES)
 def test_every_tie_rounds_to_even_and_symmetric(tie, expected):
     # A row with max 6 has scale exactly 1, so the tie value reaches the rounder unchanged.
@@ -103,8 +172,11 @@ def test_saturation_zero_groups_nan_inf():
 
 
 def test_subnormal_and_huge_scales_stay_finite():
+    gen = torch.Generator().manual_seed(11)
     for mag in (1e-30, 1e-40, 1e-44, 1e30, 1e38):
-        x = torch.randn(4, 32) * mag
+        # Clamped to +-3 so that 1e38 stays below float32's max (3.4e38) instead of
+        # overflowing to Inf now and then.
+        x = torch.randn(4, 32, generator=gen).clamp(-3, 3) * mag
         values, scale = quantize(x.float())
         assert torch.isfinite(scale).all() and (scale > 0).all()
         assert torch.isfinite(values).all()

@@ -12,8 +12,10 @@ import torch
 
 from .formats import FORMAT_MAX, FORMATS, is_inf, is_nan, round_fp8, round_to_format
 
-GRANULARITIES = ("row", "tensor", "block32", "block16")
+GRANULARITIES = ("row", "tensor", "block32", "block16", "block16x16")
 _BLOCK_SIZE = {"block32": 32, "block16": 16}
+# Side of the square NVFP4 weight tiles ("block16x16").
+_TILE = 16
 # floor(log2(format max)): the element exponent MX scaling aligns the block max to.
 _EMAX_ELEMENT = {"e2m1": 2, "e4m3": 8}
 
@@ -58,6 +60,13 @@ def _check(x: torch.Tensor, granularity: str, fmt: str) -> None:
         raise ValueError(f"quantize needs a floating-point tensor, got {x.dtype}")
     if x.dim() == 0:
         raise ValueError("quantize needs a tensor with at least one dimension")
+    if granularity == "block16x16" and (
+        x.dim() < 2 or x.shape[-1] % _TILE != 0 or x.shape[-2] % _TILE != 0
+    ):
+        raise ValueError(
+            f"granularity='block16x16' needs at least two dimensions with the last two "
+            f"multiples of {_TILE}, got shape {tuple(x.shape)}"
+        )
     block = _BLOCK_SIZE.get(granularity)
     if block is not None and x.shape[-1] % block != 0:
         raise ValueError(
@@ -81,6 +90,10 @@ def quantize(x: torch.Tensor, granularity: str = "row", fmt: str = "e2m1"):
     - "block16" (NVFP4): 16 elements share an E4M3-rounded scale times one FP32
       tensor scale `amax_tensor / (fmt_max * 448)`. A block whose E4M3 scale
       underflows to 0 flushes to zeros (scale 1), as the hardware format does.
+    - "block16x16" (NVFP4 weights): the "block16" rule on 16x16 tiles over the
+      last two dims (both multiples of 16). Square tiles make the result of
+      `x.transpose(-2, -1)` the transpose of the result of `x`, so W (blocks along
+      K) and W^T (blocks along N) hold the same quantized values.
     For the block granularities `scale` has the full shape of `values` (each
     element carries its block's scale), so `values * scale` still broadcasts.
     """
@@ -91,6 +104,17 @@ def quantize(x: torch.Tensor, granularity: str = "row", fmt: str = "e2m1"):
         amax = nan_aware_amax(x_hp, dim=-1 if granularity == "row" else None)
         scale = _finish_scale(amax / fmax, amax)
         return round_to_format(x_hp / scale, fmt), scale
+
+    if granularity == "block16x16":
+        # Square tiles over the last two dims: [..., R, C] -> [..., R/16, 16, C/16, 16],
+        # one scale per (R/16, C/16) tile. The tile amax does not depend on which of
+        # the two dims is the GEMM's reduction dim, so W and W^T quantize alike.
+        rows, cols = x_hp.shape[-2], x_hp.shape[-1]
+        tiles = x_hp.reshape(*x_hp.shape[:-2], rows // _TILE, _TILE, cols // _TILE, _TILE)
+        amax = nan_aware_amax(tiles, dim=(-3, -1))
+        values, scale = _nvfp4_two_level(tiles, amax, fmt)
+        scale = scale.expand_as(tiles).reshape(x_hp.shape)
+        return values.reshape(x_hp.shape), scale
 
     block = _BLOCK_SIZE[granularity]
     blocks = x_hp.reshape(*x_hp.shape[:-1], x_hp.shape[-1] // block, block)
@@ -103,21 +127,31 @@ def quantize(x: torch.Tensor, granularity: str = "row", fmt: str = "e2m1"):
         scale = _finish_scale(scale, amax)
         values = round_to_format(blocks / scale, fmt)
     else:
-        # Two-level NVFP4 scaling. The tensor scale uses the finite amax so that an
-        # Inf in one block does not flush every other block to zero.
-        finite_amax = torch.where(is_inf(amax), torch.zeros_like(amax), amax).amax()
-        tensor_scale = torch.where(
-            finite_amax == 0, torch.ones_like(finite_amax), finite_amax / (fmax * 448.0)
-        )
-        block_scale_e4m3 = round_fp8(amax / fmax / tensor_scale, "e4m3")
-        scale = block_scale_e4m3 * tensor_scale
-        flushed = scale == 0
-        scale = torch.where(flushed, torch.ones_like(scale), scale)
-        scale = torch.where(is_inf(amax), amax, scale)
-        values = round_to_format(blocks / scale, fmt)
-        values = torch.where(flushed & ~is_nan(blocks), torch.zeros_like(values), values)
+        values, scale = _nvfp4_two_level(blocks, amax, fmt)
     scale = scale.expand_as(blocks).reshape(x_hp.shape)
     return values.reshape(x_hp.shape), scale
+
+
+def _nvfp4_two_level(blocks: torch.Tensor, amax: torch.Tensor, fmt: str):
+    """NVFP4's two-level scaling of `blocks` whose per-block amax (kept dims) is `amax`.
+
+    Returns `(values, scale)` with `values` shaped like `blocks` and `scale` like
+    `amax`. The tensor scale uses the finite amax so that an Inf in one block does
+    not flush every other block to zero.
+    """
+    fmax = FORMAT_MAX[fmt]
+    finite_amax = torch.where(is_inf(amax), torch.zeros_like(amax), amax).amax()
+    tensor_scale = torch.where(
+        finite_amax == 0, torch.ones_like(finite_amax), finite_amax / (fmax * 448.0)
+    )
+    block_scale_e4m3 = round_fp8(amax / fmax / tensor_scale, "e4m3")
+    scale = block_scale_e4m3 * tensor_scale
+    flushed = scale == 0
+    scale = torch.where(flushed, torch.ones_like(scale), scale)
+    scale = torch.where(is_inf(amax), amax, scale)
+    values = round_to_format(blocks / scale, fmt)
+    values = torch.where(flushed & ~is_nan(blocks), torch.zeros_like(values), values)
+    return values, scale
 
 
 def fake_quantize(x: torch.Tensor, granularity: str = "row", fmt: str = "e2m1") -> torch.Tensor:
