@@ -4,6 +4,11 @@ E2M1 has no hardware cast on the GPUs fp4compile targets, so rounding to its gri
 is written out as arithmetic that Inductor can fuse and that is exact in float32
 and float64 alike. FP8 (E4M3, E5M2) uses torch's own casts, which are the
 hardware's round-to-nearest-even.
+
+Stochastic rounding (the NVFP4 recipe's rounding of gradients) has no cast in
+any format, so it is written out as arithmetic for all three grids: the two grid
+neighbours of a magnitude come from its binade's spacing, a power of two, which
+makes every step exact (`stochastic_round`).
 """
 from __future__ import annotations
 
@@ -19,6 +24,9 @@ E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 # Every E2M1 value is exactly representable in FP8 E4M3: that is what lets the FP4
 # GEMM run on FP8 tensor cores with no extra error.
 FORMATS = ("e2m1", "e4m3")
+# Every format `round_to_format` can round to (E5M2 is for gradients only).
+ROUNDING_FORMATS = ("e2m1", "e4m3", "e5m2")
+ROUNDING_MODES = ("nearest", "stochastic")
 FORMAT_MAX = {"e2m1": E2M1_MAX, "e4m3": E4M3_MAX, "e5m2": E5M2_MAX}
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
@@ -74,10 +82,86 @@ def round_fp8(v: torch.Tensor, fmt: str) -> torch.Tensor:
     return clipped.to(FP8_DTYPES[fmt]).to(v.dtype)
 
 
-def round_to_format(v: torch.Tensor, fmt: str) -> torch.Tensor:
-    """Round values already in a format's range to that format's grid."""
+# (mantissa bits, exponent of the smallest normal binade) of the FP8 grids: in the
+# binade [2**e, 2**(e+1)) the spacing is 2**(e - mantissa_bits); below the smallest
+# normal 2**e_min (subnormals, and 0) it stays 2**(e_min - mantissa_bits).
+_FP8_GRID = {"e4m3": (3, -6), "e5m2": (2, -14)}
+
+
+def _neighbours(a: torch.Tensor, fmt: str):
+    """For magnitudes `a` >= 0: the grid value at or below `a`, the spacing to the
+    next one up, and the fraction `(a - lo) / spacing` in [0, 1).
+
+    Exact: the spacing is a power of two, so `a / spacing` only shifts the exponent
+    (no underflow: the spacing is at most about `a`), its floor is an integer of a
+    few bits, and the fraction is a difference of two nearby floats.
+    """
+    if fmt == "e2m1":
+        # The three spacings of the E2M1 grid, as `round_e2m1` uses them.
+        spacing = torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0)).to(a.dtype)
+        units = a / spacing
+    else:
+        mantissa_bits, e_min = _FP8_GRID[fmt]
+        # frexp: a = m * 2**exp with m in [0.5, 1), so floor(log2(a)) = exp - 1
+        # (0 gives exp 0, which the clamp to e_min sends to the subnormal spacing).
+        _, exponent = torch.frexp(a)
+        spacing_exp = (exponent - 1).clamp(min=e_min) - mantissa_bits
+        spacing = torch.ldexp(torch.ones_like(a), spacing_exp)
+        units = torch.ldexp(a, -spacing_exp)
+    lo_units = torch.floor(units)
+    return lo_units * spacing, spacing, units - lo_units
+
+
+def stochastic_round(v: torch.Tensor, fmt: str, noise: torch.Tensor) -> torch.Tensor:
+    """Round `v` stochastically to the grid of `fmt` ("e2m1", "e4m3" or "e5m2").
+
+    `noise` holds uniforms in [0, 1) of `v`'s shape. A magnitude between the grid
+    neighbours lo < |v| < hi rounds to hi when `noise < (|v| - lo) / (hi - lo)`, else
+    to lo, so P(hi) is that fraction and E[result] = v: the rounding is unbiased
+    inside the grid's range (up to the noise's own resolution: float32 uniforms are
+    multiples of 2**-24, so P(hi) exceeds the fraction by less than 2**-24).
+    Grid values come back unchanged (fraction 0, and noise >= 0). Magnitudes above
+    the format max, and Inf, saturate to the max deterministically, so that tail
+    is biased toward zero. Absmax scaling puts the amax on the max, so it reaches
+    only MX blocks (`quantize`'s "block32", whose block max lands in [4, 8) for
+    E2M1) and E4M3-rounded NVFP4 block scales that round down. The sign is copied
+    back; NaN stays NaN.
+    Elementwise torch ops only, so Inductor fuses it into the surrounding kernel.
+    """
+    if fmt not in ROUNDING_FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; valid formats: {', '.join(ROUNDING_FORMATS)}")
+    if not isinstance(noise, torch.Tensor) or noise.shape != v.shape:
+        got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise ValueError(
+            f"stochastic rounding needs a noise tensor of the values' shape {tuple(v.shape)}, got {got}"
+        )
+    fmax = FORMAT_MAX[fmt]
+    a = v.abs()
+    lo, spacing, fraction = _neighbours(a, fmt)
+    q = torch.where(noise < fraction, lo + spacing, lo)
+    # Above the max (Inf included: its fraction is NaN and its lo Inf) saturate.
+    q = torch.where(a > fmax, torch.full_like(q, fmax), q)
+    q = torch.copysign(q, v)
+    return torch.where(is_nan(v), v, q)
+
+
+def round_to_format(
+    v: torch.Tensor, fmt: str, rounding: str = "nearest", noise: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Round values already in a format's range to that format's grid.
+
+    rounding="nearest": round to nearest, ties to even (`round_e2m1`, `round_fp8`);
+    `noise` must be None. rounding="stochastic": `stochastic_round(v, fmt, noise)`,
+    with `noise` uniforms in [0, 1) of `v`'s shape.
+    """
+    if fmt not in ROUNDING_FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; valid formats: {', '.join(ROUNDING_FORMATS)}")
+    if rounding == "stochastic":
+        return stochastic_round(v, fmt, noise)
+    if rounding != "nearest":
+        raise ValueError(f"rounding={rounding!r} is unknown; valid: {', '.join(ROUNDING_MODES)}")
+    if noise is not None:
+        raise ValueError("noise is only used with rounding='stochastic'")
     if fmt == "e2m1":
         return round_e2m1(v)
-    if fmt in FP8_DTYPES:
-        return round_fp8(v, fmt)
-    raise ValueError(f"unknown format {fmt!r}; valid formats: e2m1, e4m3, e5m2")
+    return round_fp8(v, fmt)

@@ -10,14 +10,24 @@ from __future__ import annotations
 
 import torch
 
-from .formats import FORMAT_MAX, FORMATS, is_inf, is_nan, round_fp8, round_to_format
+from .formats import (
+    FORMAT_MAX,
+    ROUNDING_FORMATS,
+    ROUNDING_MODES,
+    is_inf,
+    is_nan,
+    round_fp8,
+    round_to_format,
+)
 
 GRANULARITIES = ("row", "tensor", "block32", "block16", "block16x16")
 _BLOCK_SIZE = {"block32": 32, "block16": 16}
 # Side of the square NVFP4 weight tiles ("block16x16").
 _TILE = 16
 # floor(log2(format max)): the element exponent MX scaling aligns the block max to.
-_EMAX_ELEMENT = {"e2m1": 2, "e4m3": 8}
+_EMAX_ELEMENT = {"e2m1": 2, "e4m3": 8, "e5m2": 15}
+# What quantize_gradient accepts: one tensor scale (a power of two) or quantize's 1-D blocks.
+GRADIENT_GRANULARITIES = ("tensor", "block16", "block32")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -49,9 +59,19 @@ def _finish_scale(scale: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     return torch.where(is_inf(amax), amax, scale)
 
 
-def _check(x: torch.Tensor, granularity: str, fmt: str) -> None:
-    if fmt not in FORMATS:
-        raise ValueError(f"fmt={fmt!r} is not a quantization format; valid: {', '.join(FORMATS)}")
+def _check_rounding(rounding: str, generator) -> None:
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"rounding={rounding!r} is unknown; valid: {', '.join(ROUNDING_MODES)}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+def _check(x: torch.Tensor, granularity: str, fmt: str, rounding: str = "nearest", generator=None) -> None:
+    if fmt not in ROUNDING_FORMATS:
+        raise ValueError(
+            f"fmt={fmt!r} is not a quantization format; valid: {', '.join(ROUNDING_FORMATS)}"
+        )
+    _check_rounding(rounding, generator)
     if granularity not in GRANULARITIES:
         raise ValueError(
             f"granularity={granularity!r} is unknown; valid: {', '.join(GRANULARITIES)}"
@@ -75,7 +95,25 @@ def _check(x: torch.Tensor, granularity: str, fmt: str) -> None:
         )
 
 
-def quantize(x: torch.Tensor, granularity: str = "row", fmt: str = "e2m1"):
+def _uniform_noise(x: torch.Tensor, rounding: str, generator, dtype: torch.dtype):
+    """The uniforms of one stochastic rounding: drawn once per call, in x's shape.
+
+    One `torch.rand` of the whole shape, so a generator seeded alike reproduces the
+    call bit for bit; with generator None (as inside torch.compile) torch's global
+    RNG draws them. None for round-to-nearest.
+    """
+    if rounding != "stochastic":
+        return None
+    return torch.rand(x.shape, generator=generator, dtype=dtype, device=x.device)
+
+
+def quantize(
+    x: torch.Tensor,
+    granularity: str = "row",
+    fmt: str = "e2m1",
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+):
     """Quantize `x` to `fmt` with one absmax scale per group.
 
     Returns `(values, scale)`: `values` are exact grid values (in the compute
@@ -96,28 +134,40 @@ def quantize(x: torch.Tensor, granularity: str = "row", fmt: str = "e2m1"):
       K) and W^T (blocks along N) hold the same quantized values.
     For the block granularities `scale` has the full shape of `values` (each
     element carries its block's scale), so `values * scale` still broadcasts.
+
+    `fmt` is "e2m1" (FP4), "e4m3" or "e5m2" (FP8). `rounding="nearest"` rounds to
+    nearest, ties to even; `rounding="stochastic"` rounds each scaled element
+    up or down with the probability that makes it unbiased (`formats.stochastic_round`),
+    with uniforms drawn once per call by `torch.rand(x.shape, generator=generator)`
+    in the compute dtype: the same seeded generator gives the same result bit for
+    bit. The scales are the same for both roundings.
     """
-    _check(x, granularity, fmt)
+    _check(x, granularity, fmt, rounding, generator)
     x_hp = x.to(compute_dtype(x.dtype))
+    noise = _uniform_noise(x_hp, rounding, generator, x_hp.dtype)
     fmax = FORMAT_MAX[fmt]
     if granularity in ("row", "tensor"):
         amax = nan_aware_amax(x_hp, dim=-1 if granularity == "row" else None)
         scale = _finish_scale(amax / fmax, amax)
-        return round_to_format(x_hp / scale, fmt), scale
+        return round_to_format(x_hp / scale, fmt, rounding, noise), scale
 
     if granularity == "block16x16":
         # Square tiles over the last two dims: [..., R, C] -> [..., R/16, 16, C/16, 16],
         # one scale per (R/16, C/16) tile. The tile amax does not depend on which of
         # the two dims is the GEMM's reduction dim, so W and W^T quantize alike.
         rows, cols = x_hp.shape[-2], x_hp.shape[-1]
-        tiles = x_hp.reshape(*x_hp.shape[:-2], rows // _TILE, _TILE, cols // _TILE, _TILE)
+        tile_shape = (*x_hp.shape[:-2], rows // _TILE, _TILE, cols // _TILE, _TILE)
+        tiles = x_hp.reshape(tile_shape)
         amax = nan_aware_amax(tiles, dim=(-3, -1))
-        values, scale = _nvfp4_two_level(tiles, amax, fmt)
+        tile_noise = None if noise is None else noise.reshape(tile_shape)
+        values, scale = _nvfp4_two_level(tiles, amax, fmt, rounding, tile_noise)
         scale = scale.expand_as(tiles).reshape(x_hp.shape)
         return values.reshape(x_hp.shape), scale
 
     block = _BLOCK_SIZE[granularity]
-    blocks = x_hp.reshape(*x_hp.shape[:-1], x_hp.shape[-1] // block, block)
+    block_shape = (*x_hp.shape[:-1], x_hp.shape[-1] // block, block)
+    blocks = x_hp.reshape(block_shape)
+    block_noise = None if noise is None else noise.reshape(block_shape)
     amax = nan_aware_amax(blocks, dim=-1)
     if granularity == "block32":
         # frexp: amax = m * 2**e with m in [0.5, 1), so floor(log2(amax)) = e - 1 exactly.
@@ -125,14 +175,14 @@ def quantize(x: torch.Tensor, granularity: str = "row", fmt: str = "e2m1"):
         shared_exp = (exponent - 1 - _EMAX_ELEMENT[fmt]).clamp(-127, 127)
         scale = torch.exp2(shared_exp.to(amax.dtype))
         scale = _finish_scale(scale, amax)
-        values = round_to_format(blocks / scale, fmt)
+        values = round_to_format(blocks / scale, fmt, rounding, block_noise)
     else:
-        values, scale = _nvfp4_two_level(blocks, amax, fmt)
+        values, scale = _nvfp4_two_level(blocks, amax, fmt, rounding, block_noise)
     scale = scale.expand_as(blocks).reshape(x_hp.shape)
     return values.reshape(x_hp.shape), scale
 
 
-def _nvfp4_two_level(blocks: torch.Tensor, amax: torch.Tensor, fmt: str):
+def _nvfp4_two_level(blocks: torch.Tensor, amax: torch.Tensor, fmt: str, rounding: str, noise):
     """NVFP4's two-level scaling of `blocks` whose per-block amax (kept dims) is `amax`.
 
     Returns `(values, scale)` with `values` shaped like `blocks` and `scale` like
@@ -149,29 +199,61 @@ def _nvfp4_two_level(blocks: torch.Tensor, amax: torch.Tensor, fmt: str):
     flushed = scale == 0
     scale = torch.where(flushed, torch.ones_like(scale), scale)
     scale = torch.where(is_inf(amax), amax, scale)
-    values = round_to_format(blocks / scale, fmt)
+    values = round_to_format(blocks / scale, fmt, rounding, noise)
     values = torch.where(flushed & ~is_nan(blocks), torch.zeros_like(values), values)
     return values, scale
 
 
-def fake_quantize(x: torch.Tensor, granularity: str = "row", fmt: str = "e2m1") -> torch.Tensor:
+def fake_quantize(
+    x: torch.Tensor,
+    granularity: str = "row",
+    fmt: str = "e2m1",
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Quantize and dequantize: `values * scale` in the input's dtype."""
-    values, scale = quantize(x, granularity=granularity, fmt=fmt)
+    values, scale = quantize(x, granularity=granularity, fmt=fmt, rounding=rounding, generator=generator)
     return (values * scale).to(x.dtype)
 
 
-def quantize_gradient(g: torch.Tensor, fmt: str = "e5m2"):
-    """Per-tensor scaled FP8 cast of a gradient: returns `(values, scale)`.
+def quantize_gradient(
+    g: torch.Tensor,
+    fmt: str = "e5m2",
+    granularity: str = "tensor",
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+):
+    """Scaled cast of a gradient to `fmt`: returns `(values, scale)`, `g ~= values * scale`.
 
-    The scale is the power of two at or above amax / 57344 (E5M2's max), so
-    nothing overflows, and dividing by it is exact: each element's FP8 code then
-    depends on its own value only (subnormals aside), not on the amax of the
-    tensor it arrived in. A data-parallel rank holding half the batch therefore
-    rounds exactly as one process holding all of it.
+    granularity="tensor" (the default, FP8 E5M2 gradients): one scale, the power
+    of two at or above amax / fmt_max (57344 for E5M2, 6 for E2M1), so nothing
+    overflows, and dividing by it is exact: each element's code then depends on
+    its own value only (subnormals aside), not on the amax of the tensor it
+    arrived in. A data-parallel rank holding half the batch therefore rounds
+    exactly as one process holding all of it. `scale` has shape `[1, ..., 1]`.
+
+    granularity="block16" / "block32": `quantize`'s NVFP4 / MX block rules with
+    `fmt` (E2M1 for the NVFP4 and MXFP4 recipes); `scale` has `values`' shape.
+
+    rounding="stochastic" rounds unbiasedly with uniforms drawn once per call
+    from `generator` (see `quantize`); the scales do not depend on the rounding.
     """
+    if granularity not in GRADIENT_GRANULARITIES:
+        raise ValueError(
+            f"granularity={granularity!r} is not a gradient granularity; "
+            f"valid: {', '.join(GRADIENT_GRANULARITIES)}"
+        )
+    if granularity != "tensor":
+        return quantize(g, granularity=granularity, fmt=fmt, rounding=rounding, generator=generator)
+    if fmt not in ROUNDING_FORMATS:
+        raise ValueError(f"fmt={fmt!r} is not a gradient format; valid: {', '.join(ROUNDING_FORMATS)}")
+    _check_rounding(rounding, generator)
+    if not g.is_floating_point():
+        raise ValueError(f"quantize_gradient needs a floating-point tensor, got {g.dtype}")
     g_hp = g.to(compute_dtype(g.dtype))
+    noise = _uniform_noise(g_hp, rounding, generator, g_hp.dtype)
     scale = power_of_two_scale(nan_aware_amax(g_hp), FORMAT_MAX[fmt])
-    return round_fp8(g_hp / scale, fmt), scale
+    return round_to_format(g_hp / scale, fmt, rounding, noise), scale
 
 
 def power_of_two_scale(amax: torch.Tensor, fmax: float) -> torch.Tensor:
