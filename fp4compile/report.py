@@ -70,7 +70,24 @@ class MatmulSite:
         if config is not None:
             row["weight"] = f"{config.weight_fmt}/{config.weight_granularity}" if self.quantized else "-"
             row["activation"] = f"{config.act_fmt}/{config.act_granularity}" if self.quantized else "-"
+            row["gradient"] = describe_gradient(config) if self.quantized else "-"
         return row
+
+
+def describe_gradient(config) -> str:
+    """How a quantized site's backward GEMMs take the output gradient, in a few words.
+
+    "e5m2/tensor" is the paper's FP8 gradient (per-tensor power-of-two scale);
+    the NVFP4/MXFP4 route reads e.g. "e2m1/block16/stochastic, RHT16".
+    """
+    if config.grad_fmt is None:
+        return "high precision"
+    text = f"{config.grad_fmt}/{config.grad_granularity}"
+    if config.grad_rounding != "nearest":
+        text += f"/{config.grad_rounding}"
+    if config.hadamard:
+        text += f", RHT{config.hadamard} (seed {config.hadamard_seed})"
+    return text
 
 
 @dataclass

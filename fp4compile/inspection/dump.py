@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch.fx as fx
 
-from ..report import format_table
+from ..report import describe_gradient, format_table
 from ..lowering import cpu as lowering_cpu
 from ..lowering import cuda as lowering_cuda
 from ..runtime import linear_ops
@@ -64,7 +64,7 @@ def describe_formats(config) -> str:
         occ = f"OCC alpha={config.occ_alpha} per {config.occ_scope}, {'compensated' if config.occ_compensate else 'not compensated'}"
     weights = f"{config.weight_fmt}/{config.weight_granularity} ({dge})" if config.weight_fmt else "high precision"
     acts = f"{config.act_fmt}/{config.act_granularity} ({occ})" if config.act_fmt else "high precision"
-    return f"recipe {config.recipe}: weights {weights}, activations {acts}, gradients {config.grad_fmt or 'high precision'}"
+    return f"recipe {config.recipe}: weights {weights}, activations {acts}, gradients {describe_gradient(config)}"
 
 
 def site_label(site) -> str:
@@ -85,6 +85,7 @@ def site_row(site, config) -> dict:
         "M x K x N": " x ".join(str(d) for d in (m, k, n)),
         "weight": fmt(config.weight_fmt, config.weight_granularity) if site.quantized else "-",
         "activation": fmt(config.act_fmt, config.act_granularity) if site.quantized else "-",
+        "gradient": describe_gradient(config) if site.quantized else "-",
         "OCC": occ,
         "decision": "quantized" if site.quantized else "high precision",
         "reason": site.reason,

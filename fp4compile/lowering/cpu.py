@@ -30,6 +30,7 @@ import torch
 import torch.fx as fx
 
 from ..runtime.gemm import is_vector_scale
+from ..runtime.linear_ops import fp4_gemm_op
 from ..runtime.occ import occ_split, occ_thresholds
 from ..runtime.quantize import compute_dtype, quantize
 
@@ -123,6 +124,11 @@ def lower_graph(graph: fx.Graph, sites, config) -> None:
     fused_by_act = {}
     for site in sites:
         roles = site.rewritten
+        if roles["gemm"].target is not fp4_gemm_op:
+            # The NVFP4/MXFP4 route: its backward GEMMs quantize their own operands,
+            # so the forward's compensated activation has nothing to merge into.
+            site.lowering = "cpu: float32 GEMMs on dequantized blocks, backward operands re-quantized"
+            continue
         if roles.get("compensate") is None:
             site.lowering = "cpu: float32 GEMMs on grid values"
             continue

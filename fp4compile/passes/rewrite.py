@@ -105,17 +105,29 @@ def _rewrite_one(graph: fx.Graph, site, config, shared: dict, graph_id: int = -1
             gemm_w_s = graph.call_function(telemetry.probed_weight_scale, (x, weight, w_q, w_s, stats_key))
             roles["stats_forward"] = gemm_w_s
             probes.append(gemm_w_s)
-        # Both operands on an FP8-representable grid: CUDA may run the GEMMs in FP8.
-        fp8_grid = config.act_fmt is not None and config.weight_fmt is not None
-        y = graph.call_function(
-            linear_ops.fp4_gemm_op, (x_q, x_s, w_q, gemm_w_s, gemm_bias, config.grad_fmt, out_dtype, fp8_grid)
-        )
+        if config.requantizes_weight_gradient:
+            # NVFP4/MXFP4 route: the backward GEMMs quantize their own operands, the
+            # weight gradient from the high-precision activation x (docs/recipes.md).
+            y = graph.call_function(
+                linear_ops.requantized_gemm_op,
+                (x_q, x_s, w_q, gemm_w_s, gemm_bias, x, *linear_ops.requantized_gemm_specs(config), out_dtype),
+            )
+        else:
+            # Both operands on an FP8-representable grid: CUDA may run the GEMMs in FP8.
+            fp8_grid = config.act_fmt is not None and config.weight_fmt is not None
+            y = graph.call_function(
+                linear_ops.fp4_gemm_op, (x_q, x_s, w_q, gemm_w_s, gemm_bias, config.grad_fmt, out_dtype, fp8_grid)
+            )
         roles["gemm"] = y
         site_nodes = [wq, *probes, y]
         if residual is not None and config.occ_compensate:
             x_shape = graph.call_function(getattr, (x, "shape"))
+            w_comp = w_q
+            if config.requantizes_weight_gradient:  # its weight gradient already holds the outliers
+                w_comp = graph.call_method("detach", (w_q,))
+                site_nodes.append(w_comp)
             comp = graph.call_function(
-                linear_ops.compensate_op, (*residual, x_shape, x_s, w_q, w_s, config.grad_fmt, out_dtype)
+                linear_ops.compensate_op, (*residual, x_shape, x_s, w_comp, w_s, config.grad_fmt, out_dtype)
             )
             y = graph.call_function(operator.add, (y, comp))
             roles.update(compensate=comp, add=y, shape=x_shape)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .quantize import quantize_gradient
+from .quantize import quantize, quantize_gradient
 
 
 def is_vector_scale(scale: torch.Tensor) -> bool:
@@ -75,3 +75,73 @@ def gradient_gemm(g, q, scale, grad_fmt, residual=None):
         rhs = q * scale if residual is None else q * scale + residual
     out = g_op @ rhs
     return out if g_scale is None else out * g_scale
+
+
+# ---- The NVFP4/MXFP4 route: each backward GEMM quantizes its own operands -----------
+#
+# NVFP4 and MXFP4 training (docs/recipes.md) quantize a GEMM's operands in blocks
+# along the dimension that GEMM reduces. The forward reduces K, so the forward's
+# activation and weight blocks lie along K. The input gradient dX = dY @ W
+# reduces N: dY is quantized in blocks along N (its rows) and W reuses its
+# forward quantization (16x16 weight tiles are the same for W and W^T). The
+# weight gradient dW = dY^T @ X reduces the tokens M: both dY^T and X^T are
+# quantized in blocks along M, X from the layer's high-precision input (not the
+# forward's FP4 activation, so nothing is quantized twice), after an optional
+# random Hadamard transform R along M: (dY^T R)(R^T X) = dY^T X in exact
+# arithmetic, and R spreads a block's outliers over the whole block first.
+
+_BLOCK_ALONG_LAST = {"block16": 16, "block32": 32, "block16x16": 16}
+
+
+def _block_length(granularity: str) -> int:
+    return _BLOCK_ALONG_LAST.get(granularity, 1)
+
+
+def _pad_last(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad the last dim to a multiple: zeros add nothing to a product over it,
+    raise no block's amax, and stay zero under quantization."""
+    pad = (-t.shape[-1]) % multiple
+    return torch.nn.functional.pad(t, (0, pad)) if pad else t
+
+
+def dequantized_gradient(g: torch.Tensor, grad_spec: tuple) -> torch.Tensor:
+    """g quantized along its last dim under `grad_spec` = (fmt, granularity, rounding), dequantized.
+
+    Stochastic rounding draws from torch's global generator (seeded by
+    `torch.manual_seed`; under torch.compile, Inductor's seeded RNG).
+    """
+    fmt, granularity, rounding = grad_spec
+    values, scale = quantize_gradient(g, fmt, granularity=granularity, rounding=rounding)
+    return values * scale
+
+
+def requantized_input_gradient(g, w_q, w_scale, grad_spec):
+    """dX = Q_g(dY) @ dequant(W): dY [M, N] quantized in blocks along N, W [N, K] as in the forward."""
+    return dequantized_gradient(g, grad_spec) @ (w_q * w_scale)
+
+
+def requantized_weight_gradient(g, x_hp, grad_spec, act_spec, hadamard_signs):
+    """dW = Q_g(dY^T R) @ Q_a(X^T R)^T, both quantized in blocks along the tokens M.
+
+    g is dY [M, N], x_hp the layer's high-precision input [M, K]; `act_spec` =
+    (fmt, granularity) quantizes X^T (fmt None: X stays high precision);
+    `hadamard_signs` (a tuple of +-1, or None) defines R, block-diagonal along M.
+    The token dim is zero-padded to a whole number of blocks (exact, see `_pad_last`).
+    Stochastic rounding draws happen after the input gradient's (a fixed order,
+    so a seeded run reproduces).
+    """
+    from .hadamard import random_hadamard_transform  # noqa: PLC0415 - runtime-local, keeps import light
+
+    act_fmt, act_granularity = act_spec
+    multiple = max(len(hadamard_signs) if hadamard_signs else 1, _block_length(grad_spec[1]),
+                   _block_length(act_granularity))
+    g_t = _pad_last(g.t().to(x_hp.dtype), multiple)  # [N, M']
+    x_t = _pad_last(x_hp.t(), multiple)  # [K, M']
+    if hadamard_signs:
+        g_t = random_hadamard_transform(g_t, hadamard_signs, dim=-1)
+        x_t = random_hadamard_transform(x_t, hadamard_signs, dim=-1)
+    g_deq = dequantized_gradient(g_t, grad_spec)
+    if act_fmt is not None:
+        x_values, x_scale = quantize(x_t, granularity=act_granularity, fmt=act_fmt)
+        x_t = x_values * x_scale
+    return g_deq @ x_t.t()

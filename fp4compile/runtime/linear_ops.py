@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 
 from .dge import dge_grad_scale
-from .gemm import forward_gemm, gradient_gemm, gradient_operand
+from .gemm import (forward_gemm, gradient_gemm, gradient_operand, requantized_input_gradient,
+                   requantized_weight_gradient)
 from .occ import occ_split, occ_thresholds
 from .quantize import compute_dtype, quantize
 
@@ -124,6 +125,42 @@ def make_gemm_function(forward_fn, gradient_fn, name: str):
 _Fp4Gemm = make_gemm_function(forward_gemm, gradient_gemm, "_Fp4Gemm")
 
 
+class _RequantizedGemm(torch.autograd.Function):
+    """y = dequant(x) @ dequant(w).T + b whose backward GEMMs quantize their own operands.
+
+    The NVFP4/MXFP4 route (`gemm.requantized_weight_gradient`): the input
+    gradient quantizes dY along N, the weight gradient quantizes dY^T and the
+    layer's high-precision input X^T along the tokens, after an optional random
+    Hadamard transform. `x_hp` is that input; it carries no gradient of its own
+    (the input gradient reaches x through x_q, straight through its quantizer).
+    """
+
+    @staticmethod
+    def forward(ctx, x_q, x_scale, w_q, w_scale, bias, x_hp, grad_spec, act_spec, hadamard_signs, out_dtype):
+        lead = x_q.shape[:-1]
+        x2 = x_q.reshape(-1, x_q.shape[-1])
+        y = forward_gemm(x2, x_scale.reshape(-1, x_scale.shape[-1]), w_q, w_scale, bias, out_dtype)
+        ctx.save_for_backward(x_hp.reshape(-1, x_hp.shape[-1]).to(x2.dtype), w_q, w_scale)
+        ctx.specs = (grad_spec, act_spec, hadamard_signs)
+        ctx.x_shape = x_q.shape
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y.reshape(*lead, y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2_hp, w_q, w_scale = ctx.saved_tensors
+        grad_spec, act_spec, hadamard_signs = ctx.specs
+        g2 = grad_y.reshape(-1, grad_y.shape[-1]).to(x2_hp.dtype)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = requantized_input_gradient(g2, w_q, w_scale, grad_spec).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[2]:
+            grad_w = requantized_weight_gradient(g2, x2_hp, grad_spec, act_spec, hadamard_signs)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
+            grad_b = g2.sum(0).to(ctx.bias_dtype)
+        return grad_x, None, grad_w, None, grad_b, None, None, None, None, None
+
+
 class _Compensate(torch.autograd.Function):
     """y += residual @ dequant(w).T with the residual given as (values, index).
 
@@ -203,6 +240,32 @@ def fp4_gemm_op(x_q, x_scale, w_q, w_scale, bias, grad_fmt, out_dtype: torch.dty
     return _Fp4Gemm.apply(x_q, x_scale, w_q, w_scale, bias, grad_fmt, out_dtype, fp8_grid)
 
 
+def requantized_gemm_op(x_q, x_scale, w_q, w_scale, bias, x_hp, grad_spec: tuple, act_spec: tuple,
+                        hadamard_signs, out_dtype: torch.dtype):
+    """Quantized GEMM whose backward GEMMs quantize their operands along the dims they reduce.
+
+    `grad_spec` = (fmt, granularity, rounding) of the gradient, `act_spec` =
+    (fmt, granularity) of the activation re-quantized for the weight gradient,
+    `hadamard_signs` the +-1 vector of the random Hadamard transform (or None).
+    """
+    return _RequantizedGemm.apply(x_q, x_scale, w_q, w_scale, bias, x_hp, grad_spec, act_spec, hadamard_signs,
+                                  out_dtype)
+
+
+def requantized_gemm_specs(config) -> tuple:
+    """(grad_spec, act_spec, hadamard_signs) of `requantized_gemm_op` under an Fp4Config.
+
+    The Hadamard signs are drawn from `config.hadamard_seed` (`hadamard.rht_signs`):
+    the same vector for every layer and step, so the seed in the config
+    reproduces it and no buffer is added to the model.
+    """
+    from .hadamard import rht_signs  # noqa: PLC0415
+
+    signs = rht_signs(config.hadamard, config.hadamard_seed) if config.hadamard else None
+    return ((config.grad_fmt, config.grad_granularity, config.grad_rounding),
+            (config.act_fmt, config.act_granularity), signs)
+
+
 def compensate_op(values, index, x_shape, x_scale, w_q, w_scale, grad_fmt, out_dtype: torch.dtype):
     """OCC compensation term residual @ dequant(w).T from the sparse residual.
 
@@ -221,7 +284,7 @@ def quantized_linear(x, w, bias, config):
     """Compose the ops above for one linear layer (the pass emits the same sequence)."""
     out_dtype = x.dtype
     residual = None
-    x_shape = x.shape
+    x_in, x_shape = x, x.shape
     if config.occ_alpha is not None:
         from .occ import alpha_fraction
 
@@ -235,10 +298,16 @@ def quantized_linear(x, w, bias, config):
         w_q, w_s = quantize_weight_op(w, config.weight_fmt, config.weight_granularity, config.dge_k, config.dge_clamp)
     else:
         w_q, w_s = _passthrough(w)
-    fp8_grid = config.act_fmt is not None and config.weight_fmt is not None
-    y = fp4_gemm_op(x_q, x_s, w_q, w_s, bias, config.grad_fmt, out_dtype, fp8_grid)
+    if config.requantizes_weight_gradient:
+        y = requantized_gemm_op(x_q, x_s, w_q, w_s, bias, x_in, *requantized_gemm_specs(config), out_dtype)
+    else:
+        fp8_grid = config.act_fmt is not None and config.weight_fmt is not None
+        y = fp4_gemm_op(x_q, x_s, w_q, w_s, bias, config.grad_fmt, out_dtype, fp8_grid)
     if residual is not None and config.occ_compensate:
-        y = y + compensate_op(*residual, x_shape, x_s, w_q, w_s, config.grad_fmt, out_dtype)
+        # On the requantized route the weight gradient already sees the whole input
+        # (outliers included): the compensation then adds to the forward only.
+        w_comp = w_q.detach() if config.requantizes_weight_gradient else w_q
+        y = y + compensate_op(*residual, x_shape, x_s, w_comp, w_s, config.grad_fmt, out_dtype)
     return y
 
 

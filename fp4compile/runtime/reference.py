@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from .dge import dge_grad_scale
-from .gemm import forward_gemm, gradient_gemm
+from .gemm import forward_gemm, gradient_gemm, requantized_input_gradient, requantized_weight_gradient
+from .linear_ops import requantized_gemm_specs
 from .occ import alpha_fraction, occ_split, occ_thresholds
 from .quantize import compute_dtype, quantize
 
@@ -29,7 +30,7 @@ class Fp4LinearReference(torch.autograd.Function):
         out_dtype = x.dtype
         hp = compute_dtype(x.dtype)
         lead = x.shape[:-1]
-        x_hp = x.reshape(-1, x.shape[-1]).to(hp)
+        x_hp = x_in_hp = x.reshape(-1, x.shape[-1]).to(hp)
         residual = None
         if config.occ_alpha is not None:
             num, den = alpha_fraction(config.occ_alpha)
@@ -42,22 +43,31 @@ class Fp4LinearReference(torch.autograd.Function):
         y = forward_gemm(x_q, x_s, w_q, w_s, bias, out_dtype)
         if residual is not None:
             y = y + (residual @ (w_q * w_s).t()).to(out_dtype)
-        ctx.save_for_backward(x_q, x_s, w_q, w_s, w, residual)
+        ctx.save_for_backward(x_q, x_s, w_q, w_s, w, residual, x_in_hp)
         ctx.config = config
         ctx.shapes = (x.shape, x.dtype, w.dtype, None if bias is None else bias.dtype)
         return y.reshape(*lead, y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x_q, x_s, w_q, w_s, w, residual = ctx.saved_tensors
+        x_q, x_s, w_q, w_s, w, residual, x_in_hp = ctx.saved_tensors
         config = ctx.config
         x_shape, x_dtype, w_dtype, b_dtype = ctx.shapes
         g = grad_y.reshape(-1, grad_y.shape[-1])
-        # Input gradient: STE through the activation quantizer and the clamp.
-        grad_x = gradient_gemm(g, w_q, w_s, config.grad_fmt).reshape(x_shape).to(x_dtype)
-        # Weight gradient against the compensated activation (x_q * x_s + residual),
-        # the E5M2 gradient operand shared by both terms (SPEC.md section 5).
-        grad_w = gradient_gemm(g.t(), x_q, x_s, config.grad_fmt, residual=residual)
+        if config.requantizes_weight_gradient:
+            # NVFP4/MXFP4 route (docs/recipes.md): each backward GEMM quantizes its
+            # operands along the dim it reduces; the weight gradient takes the
+            # layer's high-precision input (outliers included, so no compensation term).
+            grad_spec, act_spec, signs = requantized_gemm_specs(config)
+            g = g.to(x_in_hp.dtype)
+            grad_x = requantized_input_gradient(g, w_q, w_s, grad_spec).reshape(x_shape).to(x_dtype)
+            grad_w = requantized_weight_gradient(g, x_in_hp, grad_spec, act_spec, signs)
+        else:
+            # Input gradient: STE through the activation quantizer and the clamp.
+            grad_x = gradient_gemm(g, w_q, w_s, config.grad_fmt).reshape(x_shape).to(x_dtype)
+            # Weight gradient against the compensated activation (x_q * x_s + residual),
+            # the E5M2 gradient operand shared by both terms (SPEC.md section 5).
+            grad_w = gradient_gemm(g.t(), x_q, x_s, config.grad_fmt, residual=residual)
         if config.dge_clamp is not None:
             grad_w = grad_w * dge_grad_scale(w.to(w_s.dtype) / w_s, k=config.dge_k, clamp=config.dge_clamp)
         grad_b = g.sum(0).to(b_dtype) if b_dtype is not None else None
