@@ -73,6 +73,8 @@ __all__ = [
     "occ_residual_rows",
     "occ_quantize_rows",
     "occ_quantize_rows_sparse",
+    "folded_rows",
+    "folded_launch_config",
     "quantize_rows",
     "dge_backward",
     "cast_gradient",
@@ -81,6 +83,7 @@ __all__ = [
     "occ_thresholds_reference",
     "occ_residual_rows_reference",
     "occ_quantize_rows_reference",
+    "folded_rows_reference",
     "sparse_to_dense",
     "quantize_rows_reference",
     "dge_backward_reference",
@@ -422,6 +425,101 @@ def _occ_rows_kernel(x_ptr, values_ptr, scale_ptr, residual_ptr, r_values_ptr, r
 
 
 @triton.jit
+def _fold_row_chunk(x, upper, lower, x_s, mask):
+    """Per element of a row chunk: v = E2M1(clamped / x_s) + residual / x_s (`runtime.folded`).
+
+    The clamp/residual split, the E2M1 rounding and the divisions are those of
+    `occ_split`, `quantize` and `fold_compensation_e4m3`, in the same order, so v
+    is bit-identical to the reference's float32 value.
+    """
+    clamped, residual, _, _ = _occ_row_split(x, upper[:, None], lower[:, None])
+    x_q = _round_e2m1(tl.math.div_rn(clamped, x_s[:, None]))
+    return tl.where(mask, x_q + tl.math.div_rn(residual, x_s[:, None]), 0.0)
+
+
+@triton.jit
+def _clamped_abs(x, upper, lower, mask):
+    clamped, _, _, _ = _occ_row_split(x, upper[:, None], lower[:, None])
+    return _nan_aware_abs(clamped, mask)
+
+
+@triton.jit
+def _fold_factor(vmax):
+    """2**e, e = smallest integer >= 0 with vmax / 2**e <= 448, capped at 8 (`folded.fold_exponent`).
+
+    Eight exact comparisons against 448 * 2**j; no logarithm, no rounding.
+    """
+    factor = tl.full(vmax.shape, 1.0, tl.float32)
+    for j in tl.static_range(8):
+        factor = tl.where(vmax > 448.0 * (2.0 ** j), 2.0 ** (j + 1), factor)
+    return factor
+
+
+@triton.jit
+def _folded_rows_kernel(x_ptr, bounds_ptr, codes_ptr, scale_ptr, M, K, stride_x, c_outliers, frac_num, frac_den,
+                        IN_KERNEL_THRESHOLDS: tl.constexpr, ONE_CHUNK: tl.constexpr, LOW_BITS: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """OCC + E2M1 quantization + compensation folded into E4M3 codes, per activation row.
+
+    `runtime.folded.folded_activation_reference` for row-scope OCC and row
+    scales, bit for bit: codes = E4M3(v / 2**e) [M, K], scale = x_s * 2**e [M].
+
+    ONE_CHUNK (K <= BLOCK_K): the row is loaded once and stays in registers
+    for every step; with IN_KERNEL_THRESHOLDS the OCC thresholds are selected
+    here too (`_occ_row_thresholds`), so x is read from memory exactly once.
+    Otherwise (rows of any length) the thresholds come from `bounds_ptr`
+    ([M, 2] float32: upper, lower) and the row is swept three times in chunks
+    of BLOCK_K: the clamped row's amax (-> x_s), then max|v| (-> 2**e), then
+    the codes. The second and third sweeps re-read a row this program has just
+    read (from cache on a GPU: a row of 32k bf16 values is 64 KB).
+    """
+    if ONE_CHUNK:
+        x, rows, cols, row_mask, out_offs, mask = _load_rows(x_ptr, M, K, stride_x, BLOCK_M, BLOCK_K)
+        if IN_KERNEL_THRESHOLDS:
+            upper, lower = _occ_row_thresholds(x, mask, c_outliers, frac_num, frac_den, LOW_BITS)
+        else:
+            upper = tl.load(bounds_ptr + rows * 2, mask=row_mask, other=0.0)
+            lower = tl.load(bounds_ptr + rows * 2 + 1, mask=row_mask, other=0.0)
+        x_s = _finish_scale(tl.max(_clamped_abs(x, upper, lower, mask), axis=1), 6.0)
+        v = _fold_row_chunk(x, upper, lower, x_s, mask)
+        factor = _fold_factor(tl.max(_nan_aware_abs(v, mask), axis=1))
+        codes = _round_to_format(tl.math.div_rn(v, factor[:, None]), 1)
+        tl.store(codes_ptr + out_offs, codes.to(codes_ptr.dtype.element_ty), mask=mask)
+        tl.store(scale_ptr + rows, x_s * factor, mask=row_mask)
+    else:
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        rows64 = rows.to(tl.int64)
+        upper = tl.load(bounds_ptr + rows64 * 2, mask=row_mask, other=0.0)
+        lower = tl.load(bounds_ptr + rows64 * 2 + 1, mask=row_mask, other=0.0)
+        offs = tl.arange(0, BLOCK_K)
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, K, BLOCK_K):
+            cols = start + offs
+            mask = row_mask[:, None] & (cols[None, :] < K)
+            x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(_clamped_abs(x, upper, lower, mask), axis=1))
+        x_s = _finish_scale(amax, 6.0)
+        vmax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, K, BLOCK_K):
+            cols = start + offs
+            mask = row_mask[:, None] & (cols[None, :] < K)
+            x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            v = _fold_row_chunk(x, upper, lower, x_s, mask)
+            vmax = tl.maximum(vmax, tl.max(_nan_aware_abs(v, mask), axis=1))
+        factor = _fold_factor(vmax)
+        for start in range(0, K, BLOCK_K):
+            cols = start + offs
+            mask = row_mask[:, None] & (cols[None, :] < K)
+            x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            v = _fold_row_chunk(x, upper, lower, x_s, mask)
+            codes = _round_to_format(tl.math.div_rn(v, factor[:, None]), 1)
+            tl.store(codes_ptr + rows64[:, None] * K + cols[None, :], codes.to(codes_ptr.dtype.element_ty),
+                     mask=mask)
+        tl.store(scale_ptr + rows64, x_s * factor, mask=row_mask)
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, values_ptr, scale_ptr, M, K, stride_x,
                           FMT: tl.constexpr, FMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Row quantization without OCC (weights [out, in]: one scale per output channel)."""
@@ -730,6 +828,60 @@ def occ_quantize_rows_sparse(
             out["upper"], out["lower"], out["count"])
 
 
+# Chunk of the folded kernel's sweeps over rows longer than MAX_ROW_LENGTH.
+_FOLD_CHUNK = 4096
+
+
+def folded_launch_config(row_len: int) -> tuple[int, int, int, bool]:
+    """(BLOCK_M, BLOCK_K, num_warps, one_chunk) of `folded_rows` for rows of length row_len.
+
+    Rows up to MAX_ROW_LENGTH: whole rows in registers (`_row_launch_config`),
+    thresholds selected in the kernel, x read once. Longer rows: one row per
+    program, swept in chunks of 4096. Depends on K only (no specialisation on M).
+    """
+    if row_len < 1:
+        raise ValueError(f"folded_rows needs rows of at least one element, got K={row_len}")
+    if supports_row_kernel(row_len):
+        return (*_row_launch_config(row_len), True)
+    return 1, _FOLD_CHUNK, 8, False
+
+
+@triton_op("fp4compile::folded_rows", mutates_args=())
+def folded_rows(
+    x: torch.Tensor, alpha_num: int, alpha_den: int, codes_dtype: torch.dtype = torch.float8_e4m3fn
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-scope OCC, E2M1 row quantization and the compensation folded into E4M3 codes, in one kernel.
+
+    Returns (codes [M, K] in `codes_dtype`, float8_e4m3fn or float32; scale
+    [M, 1] float32), equal to `folded_rows_reference` (codes as numbers: the
+    kernel rounds to the E4M3 grid in float32 arithmetic, so the float8 store
+    converts a value already on the grid). Any K >= 1: rows up to
+    MAX_ROW_LENGTH select their thresholds in the kernel and read x once;
+    longer rows take their thresholds from the runtime's top-k
+    (`occ_thresholds`, the same numbers) and are swept in chunks.
+    """
+    _check_rows(x, "folded_rows")
+    _check_choice("codes_dtype", codes_dtype, _VALUE_DTYPES)
+    M, K = x.shape
+    block_m, block_k, num_warps, one_chunk = folded_launch_config(K)
+    codes = torch.empty((M, K), device=x.device, dtype=codes_dtype)
+    scale = torch.empty((M, 1), device=x.device, dtype=torch.float32)
+    c = outliers_per_side(K, alpha_num, alpha_den)
+    frac_num = (alpha_num * (K - 1)) % alpha_den  # as in `_launch_occ`: exact float32 arguments
+    if one_chunk:
+        bounds = torch.empty((1,), device=x.device, dtype=torch.float32)  # not read
+    else:
+        upper, lower = occ_thresholds(x.to(torch.float32), alpha_num, alpha_den, "row")
+        bounds = torch.cat([upper, lower], dim=-1).contiguous()
+    if M > 0:
+        wrap_triton(_folded_rows_kernel)[(triton.cdiv(M, block_m),)](
+            x, bounds, codes, scale, M, K, x.stride(0), c, float(frac_num), float(alpha_den),
+            IN_KERNEL_THRESHOLDS=one_chunk, ONE_CHUNK=one_chunk, LOW_BITS=_low_zero_bits(x.dtype),
+            BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,
+        )
+    return codes, scale
+
+
 @triton_op("fp4compile::quantize_rows", mutates_args=())
 def quantize_rows(
     x: torch.Tensor, fmt: str = "e2m1", values_dtype: torch.dtype = torch.float8_e4m3fn
@@ -908,6 +1060,13 @@ def occ_quantize_rows_reference(x: torch.Tensor, alpha_num: int, alpha_den: int,
     values, scale = quantize(clamped, granularity="row", fmt=fmt)
     count = ((x32 > upper) | (x32 < lower)).sum(dim=-1, dtype=torch.int32)
     return values, scale, residual, upper, lower, count
+
+
+def folded_rows_reference(x: torch.Tensor, alpha_num: int, alpha_den: int):
+    """`folded_rows` with the runtime ops: OCC, row quantization and the fold, in float32."""
+    from ..runtime.folded import folded_activation_reference
+
+    return folded_activation_reference(x.to(torch.float32), alpha_num, alpha_den, "row", "e2m1", "row")
 
 
 def sparse_to_dense(r_values: torch.Tensor, r_index: torch.Tensor, k: int) -> torch.Tensor:
