@@ -124,3 +124,58 @@ def quantize_nvfp4_tiles(x: np.ndarray, tile_rows: int, tile_cols: int, f32: boo
                     with np.errstate(invalid="ignore"):  # Inf / Inf scale: NaN, as intended
                         values[idx] = np.vectorize(lambda v: round_grid(_div(v, scale, f32), E2M1))(tile)
     return values, scales
+
+
+def _e5m2_values():
+    vals = []
+    for e in range(31):  # exponent field 31 holds Inf and NaN
+        for m in range(4):
+            v = (m / 4) * 2.0 ** -14 if e == 0 else (1 + m / 4) * 2.0 ** (e - 15)
+            vals.append((v, m & 1))
+    return vals
+
+
+E5M2 = _e5m2_values()
+GRIDS = {"e2m1": E2M1, "e4m3": E4M3, "e5m2": E5M2}
+
+
+def grid_neighbours(a: float, grid) -> tuple[float, float]:
+    """The grid magnitudes (lo, hi) with lo <= a <= hi, both equal when a is on the grid.
+
+    Plain enumeration of the explicit grid list; `a` must lie in [0, grid max].
+    """
+    mags = sorted(g for g, _ in grid)
+    lo = max(g for g in mags if g <= a)
+    hi = min(g for g in mags if g >= a)
+    return lo, hi
+
+
+def stochastic_round_oracle(v: np.ndarray, noise: np.ndarray, grid) -> np.ndarray:
+    """Stochastic rounding of every element of `v` with the uniform `noise` beside it.
+
+    |v| between grid neighbours lo < |v| < hi goes to hi when noise < (|v| - lo) / (hi - lo)
+    (compared exactly, in rationals), else to lo; on the grid it stays; above the grid
+    max (and Inf) it saturates to the max; the sign is copied back; NaN stays NaN.
+    """
+    from fractions import Fraction
+
+    v = np.asarray(v, dtype=np.float64)
+    noise = np.asarray(noise, dtype=np.float64)
+    gmax = max(g for g, _ in grid)
+    mags = sorted(g for g, _ in grid)
+    out = np.empty_like(v)
+    for i in np.ndindex(v.shape):
+        x = float(v[i])
+        if math.isnan(x):
+            out[i] = math.nan
+            continue
+        a = abs(x)
+        if a >= gmax:
+            q = gmax
+        else:
+            k = np.searchsorted(mags, a, side="right")  # mags[k - 1] <= a < mags[k]
+            lo, hi = mags[k - 1], mags[k]
+            fraction = (Fraction(a) - Fraction(lo)) / (Fraction(hi) - Fraction(lo))
+            q = hi if Fraction(float(noise[i])) < fraction else lo
+        out[i] = math.copysign(q, x)
+    return out
