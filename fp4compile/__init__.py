@@ -27,9 +27,11 @@ from .api import compile_model
 from .backend import OPTIONS_ENV, register_backends
 from .config import Fp4OptionsError
 from .inspection.inspect import inspect
+from .precision_switch import PrecisionSwitch, SwitchEvent, switch_events
 from .report import reports, reset
 from .stats import stats  # the function; the module stays importable as fp4compile.stats via sys.modules
 
-__all__ += ["compile_model", "Fp4OptionsError", "OPTIONS_ENV", "reports", "reset", "inspect", "stats"]
+__all__ += ["compile_model", "Fp4OptionsError", "OPTIONS_ENV", "reports", "reset", "inspect", "stats",
+            "PrecisionSwitch", "SwitchEvent", "switch_events"]
 
 register_backends()

@@ -10,6 +10,11 @@ is how a user reads them back: one row per (step, site instance).
     ...train...
     table = fp4compile.stats(model)       # `model` names each row by its weight's module
     print(table); table.to_csv("fp4_stats.csv"); table.to_tensorboard("runs/fp4")
+
+A late precision switch (`fp4compile.PrecisionSwitch`) changes which sites are
+quantized mid-run; the table lists its events (`table.events`, and one line
+each under the table), so that rows stopping at a step have their reason next
+to them.
 """
 from __future__ import annotations
 
@@ -38,6 +43,8 @@ class StatsTable:
     """
 
     rows: list[dict] = field(default_factory=list)
+    # Precision switches (`fp4compile.precision_switch.SwitchEvent`) made while recording.
+    events: list = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -47,9 +54,10 @@ class StatsTable:
 
     def __str__(self) -> str:
         if not self.rows:
-            return "(no FP4 statistics recorded: compile with options={'stats_interval': N} and train)"
-        shown = [{k: _format(row[k]) for k in CSV_FIELDS} for row in self.rows]
-        return format_table(shown)
+            text = "(no FP4 statistics recorded: compile with options={'stats_interval': N} and train)"
+        else:
+            text = format_table([{k: _format(row[k]) for k in CSV_FIELDS} for row in self.rows])
+        return "\n".join([text, *(str(event) for event in self.events)])
 
     def layers(self) -> list[str]:
         return sorted({row["layer"] for row in self.rows})
@@ -102,6 +110,8 @@ class StatsTable:
             for name in STAT_FIELDS:
                 if math.isfinite(row[name]):  # TensorBoard cannot plot inf (an exact operand's SNR)
                     writer.add_scalar(f"fp4/{name}/{row['layer']}", row[name], row["step"])
+        for event in self.events:
+            writer.add_text("fp4/precision_switch", str(event), event.step)
         writer.flush()
         if owned:
             writer.close()
@@ -165,8 +175,11 @@ def stats(model: torch.nn.Module | None = None, clear: bool = False) -> StatsTab
 
     `model`: names each row by the module that owns its weight (a compiled
     model or the module you compiled). `clear=True` empties the records and
-    restarts the step counters after reading them.
+    restarts the step counters after reading them, and forgets the precision
+    switch events (`table.events`).
     """
+    from .precision_switch import clear_switch_events, switch_events
+
     names = _weight_names(model)
     records = _runtime.records()
     multi = {}
@@ -184,6 +197,8 @@ def stats(model: torch.nn.Module | None = None, clear: bool = False) -> StatsTab
         row.update({name: record[name] for name in STAT_FIELDS})
         rows.append(row)
     rows.sort(key=lambda row: (row["step"], row["layer"]))
+    events = switch_events()
     if clear:
         _runtime.clear()
-    return StatsTable(rows)
+        clear_switch_events()
+    return StatsTable(rows, events)

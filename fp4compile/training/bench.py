@@ -17,6 +17,16 @@ Outputs, all in ``--out``:
 - ``loss_curves.png``: validation and training loss of all recipes;
 - ``summary.md`` and ``summary.json``: the comparison table.
 
+``--switch-last F --switch-to R`` adds a late precision switch
+(``fp4compile.PrecisionSwitch``): for every recipe other than R, one more run,
+named ``<recipe>_to_<R>``, trains under the recipe and recompiles the model with
+R for the last fraction F of the steps (rounded up to whole steps). Its CSV has
+a ``recipe`` column (the recipe each step trained under) and its JSON the
+``switch_step``.
+
+``--recipes`` takes the benchmark's own names below and any recipe name of
+``fp4compile.RECIPES``.
+
 A diverging recipe is a result (reported as such), and a recipe that fails to
 compile or run is reported and skipped: neither stops the other recipes.
 """
@@ -38,6 +48,8 @@ from pathlib import Path
 
 import torch
 
+from fp4compile.config import RECIPES
+from fp4compile.precision_switch import PrecisionSwitch, switch_step_for
 from fp4compile.training.data import DEFAULT_MAX_BYTES, load_corpus, split_train_val, val_batches
 from fp4compile.training.models.llama import PRESETS, Llama, param_count, preset
 from fp4compile.training import StepRecord, TrainConfig, build_model, train
@@ -125,11 +137,38 @@ VAL_FRACTION = 0.05
 
 
 def recipe_options(name: str) -> dict:
-    """The ``torch.compile(..., options=...)`` dict of a benchmark recipe (a fresh copy)."""
-    try:
+    """The ``torch.compile(..., options=...)`` dict of a benchmark recipe (a fresh copy).
+
+    The benchmark's own names (``RECIPE_NAMES``, some of them ablations built
+    from overrides) and any name in ``fp4compile.RECIPES``.
+    """
+    if name in _RECIPE_OPTIONS:
         return dict(_RECIPE_OPTIONS[name])
-    except KeyError:
-        raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(RECIPE_NAMES)}") from None
+    if name in RECIPES:
+        return {"recipe": name}
+    known = list(RECIPE_NAMES) + [r for r in RECIPES if r not in _RECIPE_OPTIONS]
+    raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(known)}")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run per seed: a recipe, optionally switched to ``switch_to`` for the last ``switch_last`` of steps."""
+
+    recipe: str
+    switch_to: str | None = None
+    switch_last: float | None = None
+
+    @property
+    def label(self) -> str:
+        """The run's name in file names and tables: the recipe, or ``<recipe>_to_<switch_to>``."""
+        return self.recipe if self.switch_to is None else f"{self.recipe}_to_{self.switch_to}"
+
+
+def switch_options(recipe: str) -> tuple[str, dict]:
+    """(recipe name, other options) of the recipe a switch moves to, as `PrecisionSwitch` takes them."""
+    options = recipe_options(recipe)
+    options["cuda_size_policy"] = False  # as compile_for_recipe: every layer in the recipe
+    return options.pop("recipe"), options
 
 
 def compile_for_recipe(model: torch.nn.Module, recipe: str, backend: str, stats_interval: int = 0):
@@ -202,14 +241,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="FP4 telemetry every N steps: <run>_stats.csv and <run>_fp4_rates.png (underflow and clamp rate "
         "of the hardest layers) per FP4 run (default: 0, off)",
     )
+    parser.add_argument(
+        "--switch-last",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="late precision switch: also run every recipe other than --switch-to with the last FRACTION of "
+        "the steps (rounded up) under --switch-to, as <recipe>_to_<switch-to> (default: off)",
+    )
+    parser.add_argument(
+        "--switch-to",
+        default="bf16",
+        metavar="RECIPE",
+        help="the recipe a --switch-last run moves to (default: bf16)",
+    )
 
 
 @dataclass
 class RunOutcome:
-    """One (recipe, seed) run as the summary sees it."""
+    """One (recipe, seed) run as the summary sees it (``recipe``: the run's label, see RunSpec)."""
 
     recipe: str
     seed: int
+    switch_step: int | None = None
     history: list[StepRecord] = field(default_factory=list)
     diverged: bool = False
     diverged_at_step: int | None = None
@@ -238,6 +292,19 @@ def _parse_recipes(text: str) -> list[str]:
     if len(set(recipes)) != len(recipes):
         raise ValueError(f"--recipes lists a recipe twice: {text}")
     return recipes
+
+
+def _run_specs(recipes: list[str], switch_last: float | None, switch_to: str) -> list[RunSpec]:
+    """The plain run of every recipe, then (with a switch) the switched run of every recipe but the target."""
+    specs = [RunSpec(recipe) for recipe in recipes]
+    if switch_last is None:
+        return specs
+    recipe_options(switch_to)
+    switch_step_for(1, switch_last)  # checks the fraction: ValueError outside (0, 1]
+    switched = [RunSpec(recipe, switch_to, switch_last) for recipe in recipes if recipe != switch_to]
+    if not switched:
+        raise ValueError(f"--switch-last: every recipe in --recipes is the switch target {switch_to!r}")
+    return specs + switched
 
 
 def _training_config(
@@ -274,17 +341,27 @@ def _format_csv_value(value: float | int) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def _write_csv(path: Path, history: list[StepRecord]) -> None:
+# The per-step CSV: the loop's record, then the recipe the step trained under
+# (it changes at a precision switch).
+CSV_COLUMNS = StepRecord.CSV_FIELDS + ("recipe",)
+
+
+def _csv_values(record: StepRecord, recipe: str) -> list[str]:
+    return [_format_csv_value(v) for v in record.as_row().values()] + [recipe]
+
+
+def _write_csv(path: Path, history: list[StepRecord], recipe_of=lambda step: "") -> None:
+    """``recipe_of(step)``: the recipe of the 1-based ``step``."""
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(StepRecord.CSV_FIELDS)
+        writer.writerow(CSV_COLUMNS)
         for record in history:
-            writer.writerow([_format_csv_value(v) for v in record.as_row().values()])
+            writer.writerow(_csv_values(record, recipe_of(record.step)))
 
 
-def _append_csv_row(path: Path, record: StepRecord) -> None:
+def _append_csv_row(path: Path, record: StepRecord, recipe: str = "") -> None:
     with path.open("a", newline="") as handle:
-        csv.writer(handle).writerow([_format_csv_value(v) for v in record.as_row().values()])
+        csv.writer(handle).writerow(_csv_values(record, recipe))
 
 
 def read_history_csv(path: str | os.PathLike) -> list[StepRecord]:
@@ -299,22 +376,26 @@ def read_history_csv(path: str | os.PathLike) -> list[StepRecord]:
     return records
 
 
-def _run_key(args: argparse.Namespace, recipe: str, cfg: TrainConfig, max_bytes: int | None) -> dict:
+def _run_key(args: argparse.Namespace, spec: RunSpec, cfg: TrainConfig, max_bytes: int | None) -> dict:
     """Everything that determines a run's result, to check that --resume continues like for like."""
-    return {
-        "recipe": recipe,
-        "options": recipe_options(recipe),
+    key = {
+        "recipe": spec.recipe,
+        "options": recipe_options(spec.recipe),
         "preset": args.preset,
         "backend": args.backend,
         "data": str(args.data) if args.data is not None else None,
         "max_bytes": max_bytes,
         "train": asdict(cfg) | {"adam_betas": list(cfg.adam_betas)},
     }
+    if spec.switch_to is not None:  # (plain runs keep the key they had before switches existed)
+        key["switch"] = {"to": spec.switch_to, "to_options": recipe_options(spec.switch_to),
+                         "last_fraction": spec.switch_last}
+    return key
 
 
 def _run_one(
     args: argparse.Namespace,
-    recipe: str,
+    spec: RunSpec,
     cfg: TrainConfig,
     key: dict,
     train_data: torch.Tensor,
@@ -322,7 +403,8 @@ def _run_one(
     device: torch.device,
     out: Path,
 ) -> RunOutcome:
-    name = _run_name(recipe, cfg.seed)
+    recipe = spec.recipe
+    name = _run_name(spec.label, cfg.seed)
     csv_path = out / f"{name}.csv"
     result_path = out / f"{name}.json"
     checkpoint_path = out / "checkpoints" / f"{name}.pt"
@@ -333,8 +415,9 @@ def _run_one(
         if saved["key"] != key:
             raise ConfigMismatch(f"{result_path} was produced with other settings; use another --out")
         return RunOutcome(
-            recipe=recipe,
+            recipe=spec.label,
             seed=cfg.seed,
+            switch_step=saved.get("switch_step"),
             history=read_history_csv(csv_path),
             diverged=saved["diverged"],
             diverged_at_step=saved["diverged_at_step"],
@@ -366,13 +449,25 @@ def _run_one(
 
         fp4compile.stats(clear=True)  # nothing from an earlier run
     compiled_forward = compile_for_recipe(model, recipe, args.backend, stats_interval)
+    switch = None
+    recipe_of = lambda step: recipe  # noqa: E731 - the recipe of a 1-based step
+    if spec.switch_to is not None:
+        to_recipe, to_options = switch_options(spec.switch_to)
+        if stats_interval:
+            to_options["stats_interval"] = stats_interval
+        switch = PrecisionSwitch(cfg.steps, spec.switch_last, to_recipe, from_recipe=recipe, backend=args.backend,
+                                 options=to_options)
+        recipe_of = lambda step: spec.switch_to if step - 1 >= switch.switch_step else recipe  # noqa: E731
+        print(f"bench train: {spec.label} seed {cfg.seed}: {recipe} for {switch.switch_step} steps, then "
+              f"{spec.switch_to} for the last {switch.last_steps} (switch step {switch.switch_step} of {cfg.steps})",
+              flush=True)
 
     previous_history = []
     if resuming:
         # train() reloads the checkpoint itself; the CSV is rewritten from its history.
         # mmap: only the small history is read, not the weights.
         previous_history = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)["history"]
-    _write_csv(csv_path, [StepRecord(**record) for record in previous_history])
+    _write_csv(csv_path, [StepRecord(**record) for record in previous_history], recipe_of)
 
     result = train(
         model,
@@ -380,18 +475,20 @@ def _run_one(
         cfg,
         train_data,
         val_data,
-        on_step=lambda record: _append_csv_row(csv_path, record),
+        on_step=lambda record: _append_csv_row(csv_path, record, recipe_of(record.step)),
         progress=not args.no_progress,
-        desc=f"{recipe} seed {cfg.seed}",
+        desc=f"{spec.label} seed {cfg.seed}",
         checkpoint_path=checkpoint_path if use_checkpoints else None,
         checkpoint_every=checkpoint_every,
         resume=resuming,
+        precision_switch=switch,
     )
     if stats_interval:
-        _write_stats(model, out / name, f"{args.preset}, {recipe}, seed {cfg.seed}")
+        _write_stats(model, out / name, f"{args.preset}, {spec.label}, seed {cfg.seed}")
     outcome = RunOutcome(
-        recipe=recipe,
+        recipe=spec.label,
         seed=cfg.seed,
+        switch_step=switch.switch_step if switch is not None else None,
         history=result.history,
         diverged=result.diverged,
         diverged_at_step=result.diverged_at_step,
@@ -411,6 +508,9 @@ def _run_one(
                 "tokens_per_s": _nan_to_none(outcome.tokens_per_s),
                 "wall_time_s": outcome.wall_time_s,
                 "parameters": param_count(model),
+                "switch_step": outcome.switch_step,
+                "switch_to": spec.switch_to,
+                "switch_last_fraction": spec.switch_last,
             },
             indent=1,
         )
@@ -449,6 +549,7 @@ def run(args: argparse.Namespace) -> int:
     invocation_start = time.perf_counter()
     try:
         recipes = _parse_recipes(args.recipes)
+        specs = _run_specs(recipes, getattr(args, "switch_last", None), getattr(args, "switch_to", "bf16"))
         if args.seeds < 1:
             raise ValueError("--seeds must be at least 1")
         model_config = preset(args.preset)
@@ -477,10 +578,11 @@ def run(args: argparse.Namespace) -> int:
     # Seeds outermost: an interrupted benchmark has complete comparisons for the first seeds.
     for seed in seeds:
         cfg = configs[seed]
-        for recipe in recipes:
-            key = _run_key(args, recipe, cfg, max_bytes)
+        for spec in specs:
+            recipe = spec.label
+            key = _run_key(args, spec, cfg, max_bytes)
             try:
-                outcome = _run_one(args, recipe, cfg, key, train_data, val_data, device, out)
+                outcome = _run_one(args, spec, cfg, key, train_data, val_data, device, out)
             except ConfigMismatch as error:
                 print(f"bench train: {error}", file=sys.stderr)
                 return 2
@@ -504,8 +606,12 @@ def run(args: argparse.Namespace) -> int:
         "corpus_bytes": len(corpus),
         "wall_time_s": wall_time,
     }
-    plot_loss_curves(outcomes, recipes, out / "loss_curves.png", title=f"{args.preset}, backend {args.backend}")
-    rows = summarize(outcomes, recipes)
+    labels = [spec.label for spec in specs]
+    if getattr(args, "switch_last", None) is not None:
+        context["switch"] = {"to": args.switch_to, "last_fraction": args.switch_last,
+                             "switch_step": switch_step_for(configs[seeds[0]].steps, args.switch_last)}
+    plot_loss_curves(outcomes, labels, out / "loss_curves.png", title=f"{args.preset}, backend {args.backend}")
+    rows = summarize(outcomes, labels)
     (out / "summary.md").write_text(render_summary_markdown(rows, context))
     (out / "summary.json").write_text(
         json.dumps({"rows": rows, "context": context | {"train": asdict(context["train"])}}, indent=1, default=str)
@@ -546,6 +652,7 @@ def summarize(outcomes: list[RunOutcome], recipes: list[str]) -> list[dict]:
         rows.append(
             {
                 "recipe": recipe,
+                "switch_step": next((o.switch_step for o in runs if o.switch_step is not None), None),
                 "seeds": len(runs),
                 "final_val_loss_mean": statistics.fmean(losses) if losses else None,
                 "gap_to_bf16_pct_mean": statistics.fmean(gaps) if gaps else None,
@@ -590,6 +697,15 @@ def render_summary_markdown(rows: list[dict], context: dict) -> str:
         f"{cfg.eval_sequences} validation sequences). Seeds: {', '.join(map(str, seeds))}.",
         f"- Gap to {BASELINE_RECIPE}: per seed (loss - loss_{BASELINE_RECIPE}) / loss_{BASELINE_RECIPE}, "
         "then mean and sample std over seeds.",
+    ]
+    switch = context.get("switch")
+    if switch:
+        lines.append(
+            f"- Late precision switch: each `<recipe>_to_{switch['to']}` run trains under its recipe for "
+            f"{switch['switch_step']} steps, then is recompiled with `{switch['to']}` for the last "
+            f"{cfg.steps - switch['switch_step']} (--switch-last {switch['last_fraction']:g})."
+        )
+    lines += [
         "",
         f"| recipe | final val loss | gap to {BASELINE_RECIPE} (%) | gap std (%) | tokens/s | diverged |",
         "|---|---|---|---|---|---|",
@@ -670,6 +786,10 @@ def plot_loss_curves(outcomes: list[RunOutcome], recipes: list[str], path: Path,
         axes.plot(val_steps, val_loss, color=color, marker="o", markersize=3, linewidth=1.5, label=label)
         if diverged and train_steps:
             axes.plot(train_steps[-1], _moving_average(train_loss)[-1], color=color, marker="x", markersize=9)
+        switch_step = next((o.switch_step for o in outcomes if o.recipe == recipe and o.switch_step is not None), None)
+        if switch_step is not None:  # the first step under the new recipe is switch_step + 1
+            for target in (axes, inset):
+                target.axvline(switch_step + 0.5, color=color, linestyle=":", linewidth=1)
         inset.plot(val_steps, val_loss, color=color, marker="o", markersize=3, linewidth=1.5)
         all_values += val_loss + train_loss
         if not diverged:  # a diverging curve would stretch the zoom over its blow-up

@@ -10,6 +10,10 @@ Divergence is a measurement, not an error: a NaN or Inf loss (or gradient
 norm) ends that run with ``diverged=True``. Checkpoints hold everything that
 determines the rest of a run (weights, optimizer moments, data-stream and RNG
 state), so a resumed run on CPU continues bit-for-bit like an uninterrupted one.
+
+A late precision switch (``fp4compile.PrecisionSwitch``, the ``precision_switch``
+argument of :func:`train`) recompiles the model in place with a higher-precision
+recipe before a given step; from then on the loop calls the model itself.
 """
 
 from __future__ import annotations
@@ -280,6 +284,7 @@ def train(
     checkpoint_path: str | os.PathLike | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
+    precision_switch=None,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.steps`` AdamW steps through ``compiled_forward``.
 
@@ -290,7 +295,18 @@ def train(
     a checkpoint is written every ``checkpoint_every`` steps (0: only at the
     end); with ``resume=True`` and an existing checkpoint, training continues
     from it.
+
+    ``precision_switch``: a :class:`fp4compile.PrecisionSwitch` whose
+    ``total_steps`` is ``cfg.steps``. Before each step the loop calls its
+    ``maybe_switch(model, steps_taken)``; once it recompiled ``model`` in place,
+    the loop trains and evaluates through ``model`` instead of
+    ``compiled_forward`` (a wrapper made before the switch keeps the old recipe),
+    and prints the switch's one-line message. The parameters, and so the
+    optimizer and checkpoints, are unchanged by the switch.
     """
+    if precision_switch is not None and precision_switch.total_steps != cfg.steps:
+        raise ValueError(f"precision_switch.total_steps={precision_switch.total_steps} but the run has "
+                         f"cfg.steps={cfg.steps}")
     device = next(model.parameters()).device
     optimizer = make_optimizer(model, cfg)
     sampler = BatchSampler(train_data, cfg.batch_size, cfg.seq_len, seed=cfg.seed, device=device)
@@ -320,6 +336,9 @@ def train(
     try:
         for step_index in range(start_step, cfg.steps):
             step = step_index + 1
+            if precision_switch is not None and precision_switch.maybe_switch(model, step_index):
+                compiled_forward = model  # compiled in place with the new recipe
+                tqdm.write(f"{desc + ': ' if desc else ''}{precision_switch.event}")
             lr = lr_at(step_index, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
