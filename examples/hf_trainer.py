@@ -27,6 +27,11 @@ So leave `torch_compile` unset (False) and compile in place first.
     python examples/hf_trainer.py --recipe fp4-direct --regional
     python examples/hf_trainer.py --recipe bf16 --out /tmp/llama-bf16
     python examples/hf_trainer.py --options '{"recipe": "paper", "keep_first_last": 1}'
+    python examples/hf_trainer.py --recipe paper --switch-last 0.1 --switch-to bf16
+
+`--switch-last F` adds a late precision switch (`fp4compile.PrecisionSwitch`,
+as a `TrainerCallback`): the last fraction F of the steps (rounded up) train
+under `--switch-to`, the model recompiled in place at that step.
 
 Needs `transformers` and `accelerate` (`pip install -e ".[dev]"` installs both).
 """
@@ -67,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-bytes", type=int, default=2**20,
                         help="bytes of the embedded corpus to read (default: 1 MiB)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--switch-last", type=float, default=None, metavar="FRACTION",
+                        help="train the last FRACTION of the steps (rounded up) under --switch-to (default: off)")
+    parser.add_argument("--switch-to", default="bf16", metavar="RECIPE",
+                        help="the recipe of a --switch-last switch (default: bf16)")
     return parser
 
 
@@ -120,6 +129,7 @@ class RunResult:
     trainer: object  # the transformers.Trainer (its state.log_history has the losses)
     reports: list  # fp4compile.reports() after training: one per compiled graph
     checkpoint: Path  # the save_pretrained folder
+    switch: object = None  # the fp4compile.PrecisionSwitch of --switch-last, if any
 
 
 def fp4_options(args, parser) -> dict:
@@ -154,6 +164,18 @@ def main(argv: list[str] | None = None) -> RunResult:
         fp4compile.compile_model(model, regional=args.regional, options=fp4_options(args, parser))
     except fp4compile.Fp4OptionsError as exc:
         parser.error(str(exc))
+    switch, callbacks = None, []
+    if args.switch_last is not None:
+        # Only the recipe changes at the switch (no --options): the policy of the
+        # first compile (skip, keep_first_last) is the recipe's default again.
+        try:
+            switch = fp4compile.PrecisionSwitch(args.steps, args.switch_last, args.switch_to, from_recipe=args.recipe,
+                                                regional=args.regional)
+        except ValueError as exc:
+            parser.error(f"--switch-last/--switch-to: {exc}")
+        callbacks.append(switch.hf_callback())
+        print(f"precision switch: {args.recipe} for {switch.switch_step} steps, then {args.switch_to} for the "
+              f"last {switch.last_steps} (switch step {switch.switch_step} of {args.steps})")
 
     train_data, _ = split_train_val(load_corpus(max_bytes=args.max_bytes), val_fraction=0.05)
     dataset = ByteWindows(train_data, args.seq_len)
@@ -178,8 +200,11 @@ def main(argv: list[str] | None = None) -> RunResult:
         disable_tqdm=True,
         # torch_compile stays False: Accelerate rejects backend="fp4" (see the docstring).
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=dataset)
+    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, callbacks=callbacks)
     trainer.train()
+    if switch is not None:
+        print(switch.event if switch.switched else f"precision switch: did not happen (switch step "
+              f"{switch.switch_step}, {trainer.state.global_step} steps trained)")
 
     reports = fp4compile.reports()
     print(f"\nfp4compile reports ({len(reports)} compiled graph(s)):")
@@ -198,7 +223,7 @@ def main(argv: list[str] | None = None) -> RunResult:
         raise SystemExit(f"training loss is not finite: {losses}")
     if not same:
         raise SystemExit(f"the checkpoint in {out} does not reload with the trained values")
-    return RunResult(model=model, trainer=trainer, reports=reports, checkpoint=out)
+    return RunResult(model=model, trainer=trainer, reports=reports, checkpoint=out, switch=switch)
 
 
 if __name__ == "__main__":

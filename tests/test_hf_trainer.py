@@ -112,6 +112,8 @@ def test_checkpoint_reloads_into_plain_transformers_with_identical_values(run):
     (["--options", '{"dge_kk": 3}'], "'dge_kk'"),
     (["--options", '{"occ_alpha": 2.0}'], "occ_alpha"),
     (["--options", "[1, 2]"], "--options must be a JSON object"),
+    (["--switch-last", "0"], "last_fraction must be in (0, 1]"),
+    (["--switch-last", "0.1", "--switch-to", "fp2"], "recipe='fp2' does not exist"),
 ])
 def test_bad_option_exits_with_a_message_naming_it(argv, named, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -146,3 +148,57 @@ def test_per_layer_policy_sees_full_names_and_modules_of_a_whole_hf_model():
     assert decisions["model.layers.0.mlp.down_proj"] == "keep_first_last=1 (block 0 of 3)"
     assert decisions["model.layers.2.self_attn.o_proj"] == "keep_first_last=1 (block 2 of 3)"
     assert decisions["lm_head"] == "skip list (lm_head)"
+
+
+def _tiny_trainer(model, steps, callbacks, out):
+    from transformers import Trainer, TrainingArguments
+
+    from fp4compile.training.data import load_corpus, split_train_val
+
+    train_data, _ = split_train_val(load_corpus(max_bytes=65536), val_fraction=0.05)
+    training_args = TrainingArguments(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-3,
+        logging_strategy="steps", logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+        dataloader_num_workers=0, dataloader_pin_memory=False, seed=SEED, disable_tqdm=True)
+    return Trainer(model=model, args=training_args, train_dataset=example.ByteWindows(train_data, 32),
+                   callbacks=callbacks)
+
+
+def test_precision_switch_callback_recompiles_the_trainers_model(tmp_path):
+    """The TrainerCallback adapter: debug backend fp4_eager (no Inductor), 3 steps, the last 2 in bf16."""
+    import fp4compile
+    from fp4compile.precision_switch import clear_switch_events
+
+    model = example.build_model(64, LAYERS, 4, 32, SEED)
+    fp4compile.reset()
+    clear_switch_events()
+    model.compile(backend="fp4_eager", options={"recipe": "paper"})
+    params = list(model.parameters())
+    switch = fp4compile.PrecisionSwitch(STEPS, 0.5, "bf16", from_recipe="paper", backend="fp4_eager")
+    assert switch.switch_step == 1  # 3 steps * 0.5 = 1.5, rounded up to 2 steps in bf16
+    trainer = _tiny_trainer(model, STEPS, [switch.hf_callback()], tmp_path)
+    try:
+        trainer.train()
+        reports = fp4compile.reports()
+        events = fp4compile.switch_events()
+    finally:
+        fp4compile.reset()
+        clear_switch_events()
+    assert [str(e) for e in events] == ["precision switch at step 1: paper -> bf16 (the last 2 of 3 steps)"]
+    expected_sites = LAYERS * len(BLOCK_LINEARS)
+    assert [(r.config.recipe, len(r.quantized)) for r in reports] == [("paper", expected_sites), ("bf16", 0)]
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == STEPS and all(math.isfinite(loss) for loss in losses), losses
+    # The Trainer's optimizer still holds the model's own parameter objects.
+    assert all(a is b for a, b in zip(model.parameters(), params))
+    optimizer_params = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimizer_params == {id(p) for p in params if p.requires_grad}
+
+
+def test_precision_switch_callback_rejects_another_step_count(tmp_path):
+    import fp4compile
+
+    model = example.build_model(64, LAYERS, 4, 32, SEED)
+    switch = fp4compile.PrecisionSwitch(STEPS + 1, 0.5, backend="fp4_eager")
+    with pytest.raises(ValueError, match=r"total_steps=4\) but the Trainer runs max_steps=3"):
+        _tiny_trainer(model, STEPS, [switch.hf_callback()], tmp_path).train()
