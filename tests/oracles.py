@@ -85,13 +85,13 @@ def _mul(a, b, f32):
     return float(np.float32(a) * np.float32(b)) if f32 else a * b
 
 
-def quantize_nvfp4_tiles(x: np.ndarray, tile_rows: int, tile_cols: int, f32: bool):
+def quantize_nvfp4_tiles(x: np.ndarray, tile_rows: int, tile_cols: int, f32: bool, fmax: float = 6.0, grid=E2M1):
     """NVFP4 two-level quantization of `x` (any ndim >= 2) in tiles over the last two dims.
 
     Tiles of (1, 16) are the "block16" rule, (16, 16) the "block16x16" rule. Loops
-    over every tile of every leading index; E2M1 and E4M3 rounding by `round_grid`.
-    Tensor scale `amax_finite / (6 * 448)` (1 if 0); tile scale
-    `E4M3(amax_tile / 6 / tensor_scale) * tensor_scale`; a tile whose E4M3 scale is 0
+    over every tile of every leading index; element (`grid`, E2M1 by default) and
+    E4M3 rounding by `round_grid`. Tensor scale `amax_finite / (fmax * 448)` (1 if 0);
+    tile scale `E4M3(amax_tile / fmax / tensor_scale) * tensor_scale`; a tile whose E4M3 scale is 0
     becomes zeros (NaN kept) with scale 1; a tile holding an Inf gets scale Inf.
     Returns (values, scale) arrays of x's shape.
     """
@@ -99,7 +99,7 @@ def quantize_nvfp4_tiles(x: np.ndarray, tile_rows: int, tile_cols: int, f32: boo
     mags = np.where(np.isnan(x), 0.0, np.abs(x))
     finite = mags[np.isfinite(mags)]
     t_amax = float(finite.max()) if finite.size else 0.0
-    t_scale = 1.0 if t_amax == 0 else _div(t_amax, 6.0 * 448.0, f32)
+    t_scale = 1.0 if t_amax == 0 else _div(t_amax, fmax * 448.0, f32)
     values = np.empty_like(x)
     scales = np.empty_like(x)
     rows, cols = x.shape[-2:]
@@ -112,7 +112,7 @@ def quantize_nvfp4_tiles(x: np.ndarray, tile_rows: int, tile_cols: int, f32: boo
                 if math.isinf(amax):
                     scale, flushed = math.inf, False
                 else:
-                    s_e4m3 = round_grid(_div(_div(amax, 6.0, f32), t_scale, f32), E4M3)
+                    s_e4m3 = round_grid(_div(_div(amax, fmax, f32), t_scale, f32), E4M3)
                     scale = _mul(s_e4m3, t_scale, f32)
                     flushed = scale == 0
                     if flushed:
@@ -122,7 +122,7 @@ def quantize_nvfp4_tiles(x: np.ndarray, tile_rows: int, tile_cols: int, f32: boo
                     values[idx] = np.where(np.isnan(tile), np.nan, 0.0)
                 else:
                     with np.errstate(invalid="ignore"):  # Inf / Inf scale: NaN, as intended
-                        values[idx] = np.vectorize(lambda v: round_grid(_div(v, scale, f32), E2M1))(tile)
+                        values[idx] = np.vectorize(lambda v: round_grid(_div(v, scale, f32), grid))(tile)
     return values, scales
 
 
@@ -179,3 +179,28 @@ def stochastic_round_oracle(v: np.ndarray, noise: np.ndarray, grid) -> np.ndarra
             q = hi if Fraction(float(noise[i])) < fraction else lo
         out[i] = math.copysign(q, x)
     return out
+
+
+def hadamard_oracle(n: int) -> np.ndarray:
+    """Orthonormal Hadamard matrix by its entry formula (-1)**popcount(i & j) / sqrt(n)."""
+    return np.array(
+        [[(-1.0) ** bin(i & j).count("1") for j in range(n)] for i in range(n)]
+    ) / math.sqrt(n)
+
+
+def rht_oracle(x: np.ndarray, signs, dim: int, inverse: bool = False) -> np.ndarray:
+    """Random Hadamard transform of a float64 array, one block at a time.
+
+    Forward: block b (len(signs) consecutive elements along `dim`) -> sum_i b[i] s[i] H[i, j];
+    inverse: b -> s[j] * sum_i b[i] H[j, i].
+    """
+    x = np.moveaxis(np.asarray(x, dtype=np.float64), dim, -1)
+    n = len(signs)
+    h = hadamard_oracle(n)
+    s = np.asarray(signs, dtype=np.float64)
+    out = np.empty_like(x)
+    for lead in np.ndindex(*x.shape[:-1]):
+        for start in range(0, x.shape[-1], n):
+            b = x[lead + (slice(start, start + n),)]
+            out[lead + (slice(start, start + n),)] = s * (h @ b) if inverse else (b * s) @ h
+    return np.moveaxis(out, -1, dim)

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 import fp4compile
 from fp4compile import fake_quantize, quantize
+from fp4compile.runtime.quantize import quantize_gradient
 
-from .oracles import E2M1, E4M3, quantize_groups, quantize_nvfp4_tiles, round_grid
+from .oracles import E2M1, E4M3, E5M2, quantize_groups, quantize_nvfp4_tiles, round_grid
 
 TIES = [(0.25, 0.0), (0.75, 1.0), (1.25, 1.0), (1.75, 2.0), (2.5, 2.0), (3.5, 4.0), (5.0, 4.0)]
 
@@ -218,6 +219,46 @@ def test_bad_arguments_raise_clear_errors():
         quantize(torch.randn(2, 40), granularity="block32")
     with pytest.raises(ValueError, match="floating"):
         quantize(torch.ones(2, 32, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("fmt, fmax, grid", [("e5m2", 57344.0, E5M2), ("e2m1", 6.0, E2M1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(9, 24), (2, 3, 40)])
+def test_quantize_gradient_tensor_matches_oracle(fmt, fmax, grid, dtype, shape):
+    # One power-of-two scale: the smallest 2**k >= amax / fmax, found here by a loop.
+    gen = torch.Generator().manual_seed(len(shape))
+    g = (torch.randn(*shape, generator=gen, dtype=torch.float64) * 1e-4).to(dtype)
+    g.view(-1)[3] = float("nan")
+    values, scale = quantize_gradient(g, fmt)
+    gd = g.double().numpy()
+    amax = np.nanmax(np.abs(gd))
+    k = 0
+    while 2.0 ** k < amax / fmax:
+        k += 1
+    while 2.0 ** (k - 1) >= amax / fmax:
+        k -= 1
+    assert scale.shape == (1,) * len(shape) and scale.item() == 2.0 ** k
+    expected = np.vectorize(lambda v: round_grid(v / 2.0 ** k, grid))(gd)
+    _assert_same(values, expected)
+    assert values.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert np.nanmax(np.abs(expected)) <= fmax
+
+
+@pytest.mark.parametrize("granularity", ["block16", "block32"])
+@pytest.mark.parametrize("fmt", ["e2m1", "e5m2"])
+def test_quantize_gradient_blocks_are_quantize_blocks(granularity, fmt):
+    g = _random_magnitudes(6, 64, seed=8, lo=-6, hi=0)
+    values, scale = quantize_gradient(g, fmt, granularity)
+    exp_v, exp_s = quantize(g, granularity, fmt)
+    assert torch.equal(values, exp_v) and torch.equal(scale, exp_s) and scale.shape == g.shape
+    fmax, grid = (6.0, E2M1) if fmt == "e2m1" else (57344.0, E5M2)
+    if granularity == "block16":
+        exp_v, exp_s = quantize_nvfp4_tiles(g.numpy(), 1, 16, False, fmax, grid)
+    else:  # MX: power-of-two scale 2**(floor(log2 amax) - floor(log2 fmax)), 15 for E5M2
+        emax = 2 if fmt == "e2m1" else 15
+        exp_v, exp_s = quantize_groups(g.numpy(), 32, fmax, grid, False, scale_rule=emax)
+    _assert_same(values, exp_v)
+    _assert_same(scale, exp_s)
 
 
 finite_floats = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False, width=32)
