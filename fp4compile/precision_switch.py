@@ -49,9 +49,10 @@ class SwitchEvent:
     from_recipe: str
     to_recipe: str
     unix_time: float
+    to_label: str | None = None  # how the message names the new recipe (default: to_recipe)
 
     def __str__(self) -> str:
-        return (f"precision switch at step {self.step}: {self.from_recipe} -> {self.to_recipe} "
+        return (f"precision switch at step {self.step}: {self.from_recipe} -> {self.to_label or self.to_recipe} "
                 f"(the last {self.total_steps - self.step} of {self.total_steps} steps)")
 
 
@@ -114,12 +115,13 @@ class PrecisionSwitch:
     `fp4_eager`/`fp4_aot_eager` through `model.compile`; a stock backend
     (`"eager"`, `"inductor"`, ...) takes no options, so the switch then
     recompiles without changing the numerics (a warning says so; for testing
-    a training loop's plumbing).
+    a training loop's plumbing). `to_label`: how the log line names the new
+    recipe, e.g. "float32 (bf16 recipe on CPU)" where `bf16` computes in float32.
     """
 
     def __init__(self, total_steps: int, last_fraction: float = 0.1, to_recipe: str = "bf16", *,
                  from_recipe: str | None = None, backend: str = "fp4", regional: bool = False,
-                 options: dict | None = None, **overrides) -> None:
+                 options: dict | None = None, to_label: str | None = None, **overrides) -> None:
         self.switch_step = switch_step_for(total_steps, last_fraction)
         self.total_steps = total_steps
         self.last_fraction = last_fraction
@@ -137,6 +139,9 @@ class PrecisionSwitch:
         if from_recipe is not None and not isinstance(from_recipe, str):
             raise ValueError(f"from_recipe must be a recipe name or None, got {from_recipe!r}")
         self.from_recipe = from_recipe
+        if to_label is not None and not isinstance(to_label, str):
+            raise ValueError(f"to_label must be a string or None, got {to_label!r}")
+        self.to_label = to_label
         if not isinstance(backend, str) or not backend:
             raise ValueError(f"backend must be a torch.compile backend name, got {backend!r}")
         if regional and backend != "fp4":
@@ -174,8 +179,9 @@ class PrecisionSwitch:
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"maybe_switch needs the nn.Module to recompile, got {type(model).__name__}")
         self._recompile(model)
-        self.event = SwitchEvent(step=step, total_steps=self.total_steps, from_recipe=self.from_recipe or "previous recipe",
-                                 to_recipe=self.to_recipe, unix_time=time.time())
+        self.event = SwitchEvent(step=step, total_steps=self.total_steps,
+                                 from_recipe=self.from_recipe or "previous recipe", to_recipe=self.to_recipe,
+                                 unix_time=time.time(), to_label=self.to_label)
         with _EVENTS_LOCK:
             _EVENTS.append(self.event)
         logger.info("fp4compile: %s", self.event)

@@ -18,7 +18,7 @@ import torch
 from fp4compile.training import bench as bench_train
 from fp4compile.training.data import load_corpus, split_train_val
 from fp4compile.training.models import preset
-from fp4compile.training import TrainConfig, build_model, lr_at, train
+from fp4compile.training import StepRecord, TrainConfig, build_model, lr_at, train
 
 TINY = dict(batch_size=4, seq_len=32, eval_sequences=8)
 
@@ -143,6 +143,15 @@ def test_recipe_options():
         bench_train.recipe_options("fp2")
 
 
+def test_recipe_options_take_any_config_recipe():
+    from fp4compile.config import RECIPES
+
+    for name in RECIPES:  # whatever recipes the config defines, without a list here
+        expected = bench_train._RECIPE_OPTIONS.get(name, {"recipe": name})
+        assert bench_train.recipe_options(name) == expected
+        assert bench_train._parse_recipes(f"bf16,{name}" if name != "bf16" else name)
+
+
 def test_bench_writes_csvs_plot_and_paired_summary(tmp_path):
     args = bench_args(tmp_path, "--recipes", "bf16,paper", "--seeds", "2", "--steps", "3")
     assert bench_train.run(args) == 0
@@ -160,7 +169,10 @@ def test_bench_writes_csvs_plot_and_paired_summary(tmp_path):
 
     assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
     summary = (tmp_path / "summary.md").read_text()
-    assert "| recipe | final val loss | gap to bf16 (%) | gap std (%) | tokens/s | diverged |" in summary
+    # CPU, autocast float32: the bf16 recipe is named for what it computes in.
+    assert ("| recipe | final val loss | gap to float32 (bf16 recipe on CPU) (%) | gap std (%) | tokens/s | "
+            "diverged |") in summary
+    assert "| float32 (bf16 recipe on CPU) |" in summary and "| bf16 |" not in summary
     assert "| paper |" in summary and "+0.00 | 0.00 |" in summary
     assert "torch " + torch.__version__ in summary and "wall time" in summary and "CPUs" in summary
     rows = {row["recipe"]: row for row in json.loads((tmp_path / "summary.json").read_text())["rows"]}
@@ -266,3 +278,107 @@ def test_bench_rejects_bad_arguments(tmp_path, capsys):
     assert bench_train.run(bench_args(tmp_path, "--recipes", "bf16,fp3")) == 2
     assert "unknown recipe" in capsys.readouterr().err
     assert bench_train.run(bench_args(tmp_path, "--seq-len", "4096")) == 2
+
+
+# ---------------------------------------------------------------- long studies: tokens, sweeps, gap plot, labels
+
+
+def test_tokens_and_eval_every_tokens_set_steps_by_ceiling(tmp_path):
+    defaults, device = bench_train.PRESET_TRAINING["tiny"], torch.device("cpu")
+    for tokens, steps in ((128, 1), (129, 2), (500, 4), (512, 4), (513, 5)):  # 4 x 32 = 128 tokens per step
+        cfg = bench_train._training_config(bench_args(tmp_path, "--tokens", str(tokens)), defaults, 0, device)
+        assert cfg.steps == steps and cfg.warmup_steps == steps // 10
+    cfg = bench_train._training_config(bench_args(tmp_path, "--eval-every-tokens", "300"), defaults, 0, device)
+    assert cfg.eval_every == 3  # ceil(300 / 128)
+    for extra, message in ((("--tokens", "500", "--steps", "4"), "--steps and --tokens exclude each other"),
+                           (("--tokens", "0"), "--tokens must be positive"),
+                           (("--eval-every-tokens", "9", "--eval-every", "2"), "exclude each other"),
+                           (("--lrs", "1e-3,x"), "--lrs takes comma-separated numbers"),
+                           (("--lrs", "1e-3,0.001"), "--lrs lists a rate twice"),
+                           (("--lrs", "1e-3,-1"), "--lrs rates must be positive"),
+                           (("--lrs", "1e-3", "--lr", "1e-3"), "--lr and --lrs exclude each other")):
+        assert bench_train.run(bench_args(tmp_path / "bad", *extra)) == 2, extra
+
+
+def test_lr_sweep_reports_each_recipes_best_rate_and_gap_curves(tmp_path, capsys):
+    args = bench_args(tmp_path, "--recipes", "bf16,paper", "--seeds", "2", "--tokens", "300",
+                      "--eval-every-tokens", "200", "--lrs", "1e-3,3e-2")
+    assert bench_train.run(args) == 0
+    printed = capsys.readouterr().out
+    assert "--tokens 300: 3 steps of 4 x 32 = 128 tokens (384 tokens)" in printed
+    assert "--eval-every-tokens 200: validation every 2 steps (256 tokens)" in printed
+
+    finals = {}
+    for recipe in ("bf16", "paper"):
+        for lr in ("0.001", "0.03"):
+            for seed in (0, 1):
+                rows = read_csv(tmp_path / f"{recipe}_lr{lr}_seed{seed}.csv")
+                assert [int(r["step"]) for r in rows] == [1, 2, 3]
+                assert [r["val_loss"] != "" for r in rows] == [False, True, True]  # every 2 steps and the last
+                assert float(rows[0]["lr"]) == pytest.approx(float(lr) * 1 / 1)  # warmup 0: the peak rate
+                finals[recipe, lr, seed] = float(rows[-1]["val_loss"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for entry in summary["sweep"]:
+        means = {lr: (finals[entry["recipe"], lr, 0] + finals[entry["recipe"], lr, 1]) / 2 for lr in ("0.001", "0.03")}
+        best = min(means, key=means.get)
+        assert entry["best_lr"] == float(best) and entry["best_loss"] == pytest.approx(means[best], rel=1e-12)
+        assert printed.count(f"best learning rate of {entry['name']}: {float(best):g}") == 1
+    names = {entry["recipe"]: entry["name"] for entry in summary["sweep"]}
+    assert names == {"bf16": "float32 (bf16 recipe on CPU)", "paper": "paper"}
+    assert "## Learning-rate sweep" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "gap_curves.png").stat().st_size > 10_000
+
+
+def test_gap_curves_pair_each_seed_with_its_baseline(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    def outcome(recipe, seed, losses):
+        history = [StepRecord(step=step, tokens=step, train_loss=1.0, val_loss=loss, grad_norm=1.0, lr=1e-3,
+                              step_time_s=0.1) for step, loss in enumerate(losses, 1)]
+        return bench_train.RunOutcome(recipe=recipe, seed=seed, history=history)
+
+    nan = float("nan")
+    outcomes = [outcome("bf16", 0, [2.0, nan, 1.0]), outcome("bf16", 1, [4.0, nan, 2.0]),
+                outcome("paper", 0, [2.2, nan, 1.05]), outcome("paper", 1, [4.0, nan, 2.2])]
+    drawn = {}
+
+    def capture(figure, path, **kwargs):
+        axes = figure.axes[0]
+        drawn["lines"] = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in axes.lines}
+        drawn["bands"] = len(axes.collections)
+        drawn["ylabel"] = axes.get_ylabel()
+
+    monkeypatch.setattr(Figure, "savefig", capture)
+    names = {"bf16": "float32 (bf16 recipe on CPU)", "paper": "paper"}
+    plotted = bench_train.plot_gap_curves(outcomes, ["bf16", "paper"], {}, tmp_path / "gap.png", names=names,
+                                          baseline_name=names["bf16"])
+    assert plotted == ["paper"]
+    steps, gaps = drawn["lines"]["paper (2 seeds)"]
+    # seed 0: +10% then +5%; seed 1: 0% then +10%: means 5% and 7.5%
+    assert steps == [1, 3] and gaps == pytest.approx([5.0, 7.5], rel=1e-12)
+    assert drawn["bands"] == 1 and drawn["ylabel"] == "validation loss gap to float32 (bf16 recipe on CPU) (%)"
+
+
+def test_without_matplotlib_the_benchmark_says_so_and_still_writes_results(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert bench_train.run(bench_args(tmp_path, "--recipes", "bf16", "--steps", "2")) == 0
+    err = capsys.readouterr().err
+    assert "matplotlib is not installed, so no loss_curves.png" in err
+    assert not (tmp_path / "loss_curves.png").exists() and (tmp_path / "bf16_seed0.csv").exists()
+    assert "(no plots: matplotlib is not installed)" in (tmp_path / "summary.md").read_text()
+
+
+def test_labels_name_float32_only_where_bf16_computes_in_float32():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert bench_train.float32_name("float32", cpu) == "float32 (bf16 recipe on CPU)"
+    assert bench_train.float32_name("float32", cuda) == "float32 (bf16 recipe, no autocast)"
+    assert bench_train.float32_name("bfloat16", cpu) is None and bench_train.float32_name("bfloat16", cuda) is None
+    float32 = bench_train.float32_name("float32", cpu)
+    assert bench_train.display_recipe("bf16", float32) == float32
+    assert bench_train.display_recipe("bf16", None) == "bf16"
+    assert bench_train.display_recipe("paper", float32) == "paper"
+    spec = bench_train.RunSpec("paper", "bf16", 0.1, 3e-3)
+    assert spec.label == "paper_to_bf16_lr0.003" and spec.baseline_label == "bf16_lr0.003"
+    assert spec.display(float32) == f"paper -> {float32} (last 0.1), lr 0.003"

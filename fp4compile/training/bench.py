@@ -27,6 +27,17 @@ a ``recipe`` column (the recipe each step trained under) and its JSON the
 ``--recipes`` takes the benchmark's own names below and any recipe name of
 ``fp4compile.RECIPES``.
 
+Longer studies: ``--tokens N`` sets the run length in tokens instead of steps
+(``ceil(N / tokens per step)`` steps), ``--eval-every-tokens N`` the validation
+interval; ``--lrs A,B,C`` trains every recipe at each peak learning rate (runs
+named ``<recipe>_lr<rate>``) and reports each recipe's best rate and its gap,
+best rate against the baseline's best rate; ``gap_curves.png`` plots each run's
+paired validation gap to the baseline over training (seed band shaded).
+
+Honest labels: with autocast float32 (the default on CPU) the ``bf16`` recipe
+computes in float32; tables, plot legends and printed lines then call it
+"float32 (bf16 recipe on CPU)" (file names and JSON keys keep ``bf16``).
+
 A diverging recipe is a result (reported as such), and a recipe that fails to
 compile or run is reported and skipped: neither stops the other recipes.
 """
@@ -43,7 +54,7 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -157,11 +168,49 @@ class RunSpec:
     recipe: str
     switch_to: str | None = None
     switch_last: float | None = None
+    lr: float | None = None  # the peak learning rate of a --lrs sweep; None: the run's --lr
+
+    @property
+    def base(self) -> str:
+        """The recipe, or ``<recipe>_to_<switch_to>`` for a switched run."""
+        return self.recipe if self.switch_to is None else f"{self.recipe}_to_{self.switch_to}"
 
     @property
     def label(self) -> str:
-        """The run's name in file names and tables: the recipe, or ``<recipe>_to_<switch_to>``."""
-        return self.recipe if self.switch_to is None else f"{self.recipe}_to_{self.switch_to}"
+        """The run's name in file names and JSON: ``base``, then ``_lr<rate>`` in a sweep."""
+        return self.base if self.lr is None else f"{self.base}_lr{self.lr:g}"
+
+    @property
+    def baseline_label(self) -> str:
+        """The run this one's gap is measured against: the baseline recipe at the same learning rate."""
+        return RunSpec(BASELINE_RECIPE, lr=self.lr).label
+
+    def display(self, float32_name: str | None = None) -> str:
+        """The name tables, legends and printed lines use (see ``display_recipe``)."""
+        text = display_recipe(self.recipe, float32_name)
+        if self.switch_to is not None:
+            text += f" -> {display_recipe(self.switch_to, float32_name)} (last {self.switch_last:g})"
+        if self.lr is not None:
+            text += f", lr {self.lr:g}"
+        return text
+
+
+def float32_name(dtype: str, device: torch.device) -> str | None:
+    """What the high-precision recipe computes in, when that is not bf16: its honest name, else None.
+
+    The ``bf16`` recipe keeps every matmul in the model's compute dtype; without
+    bfloat16 autocast (``--dtype float32``, the default on CPU) that is float32.
+    """
+    if dtype != "float32":
+        return None
+    return "float32 (bf16 recipe on CPU)" if device.type == "cpu" else "float32 (bf16 recipe, no autocast)"
+
+
+def display_recipe(recipe: str, float32: str | None = None) -> str:
+    """A recipe's name for people: the high-precision one is called ``float32`` when it computes in float32."""
+    if float32 is not None and recipe_options(recipe) == {"recipe": "bf16"}:
+        return float32
+    return recipe
 
 
 def switch_options(recipe: str) -> tuple[str, dict]:
@@ -255,6 +304,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="RECIPE",
         help="the recipe a --switch-last run moves to (default: bf16)",
     )
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help="training tokens instead of --steps: ceil(TOKENS / (batch size x seq len)) steps (default: off)",
+    )
+    parser.add_argument(
+        "--eval-every-tokens",
+        type=int,
+        default=None,
+        help="validate every ceil(N / tokens per step) steps, instead of --eval-every (default: off)",
+    )
+    parser.add_argument(
+        "--lrs",
+        default=None,
+        metavar="LR,LR,...",
+        help="learning-rate sweep: train every recipe at each peak rate (runs <recipe>_lr<rate>) and report "
+        "each recipe's best rate; min lr is rate / 10 unless --min-lr (default: off, --lr)",
+    )
 
 
 @dataclass
@@ -294,35 +362,84 @@ def _parse_recipes(text: str) -> list[str]:
     return recipes
 
 
-def _run_specs(recipes: list[str], switch_last: float | None, switch_to: str) -> list[RunSpec]:
-    """The plain run of every recipe, then (with a switch) the switched run of every recipe but the target."""
-    specs = [RunSpec(recipe) for recipe in recipes]
-    if switch_last is None:
-        return specs
-    recipe_options(switch_to)
-    switch_step_for(1, switch_last)  # checks the fraction: ValueError outside (0, 1]
-    switched = [RunSpec(recipe, switch_to, switch_last) for recipe in recipes if recipe != switch_to]
-    if not switched:
-        raise ValueError(f"--switch-last: every recipe in --recipes is the switch target {switch_to!r}")
-    return specs + switched
+def _run_specs(recipes: list[str], switch_last: float | None, switch_to: str,
+               lrs: list[float | None] = (None,)) -> list[RunSpec]:
+    """Per learning rate: the plain run of every recipe, then (with a switch) the switched run of every
+    recipe but the target."""
+    specs = []
+    if switch_last is not None:
+        recipe_options(switch_to)
+        switch_step_for(1, switch_last)  # checks the fraction: ValueError outside (0, 1]
+        if all(recipe == switch_to for recipe in recipes):
+            raise ValueError(f"--switch-last: every recipe in --recipes is the switch target {switch_to!r}")
+    for lr in lrs:
+        specs += [RunSpec(recipe, lr=lr) for recipe in recipes]
+        if switch_last is not None:
+            specs += [RunSpec(recipe, switch_to, switch_last, lr) for recipe in recipes if recipe != switch_to]
+    return specs
+
+
+def _parse_lrs(text: str | None, lr: float | None) -> list[float | None]:
+    """The --lrs rates (None: no sweep, one run per recipe at --lr)."""
+    if text is None:
+        return [None]
+    if lr is not None:
+        raise ValueError("--lr and --lrs exclude each other")
+    try:
+        rates = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--lrs takes comma-separated numbers, got {text!r}") from None
+    if not rates:
+        raise ValueError("--lrs is empty")
+    if not all(math.isfinite(rate) and rate > 0 for rate in rates):
+        raise ValueError(f"--lrs rates must be positive, got {text!r}")
+    if len({f"{rate:g}" for rate in rates}) != len(rates):  # run names use %g
+        raise ValueError(f"--lrs lists a rate twice: {text!r}")
+    return rates
+
+
+def _spec_config(cfg: TrainConfig, spec: RunSpec, min_lr: float | None) -> TrainConfig:
+    """The run's training config: the seed's, with the sweep's peak rate (min lr: rate / 10 unless --min-lr)."""
+    if spec.lr is None:
+        return cfg
+    return replace(cfg, lr=spec.lr, min_lr=min_lr if min_lr is not None else spec.lr / 10)
 
 
 def _training_config(
     args: argparse.Namespace, defaults: PresetTraining, seed: int, device: torch.device
 ) -> TrainConfig:
+    batch_size = args.batch_size if args.batch_size is not None else defaults.batch_size
+    seq_len = args.seq_len if args.seq_len is not None else defaults.seq_len
+    tokens_per_step = batch_size * seq_len
+    tokens = getattr(args, "tokens", None)
+    if tokens is not None:
+        if args.steps is not None:
+            raise ValueError("--steps and --tokens exclude each other")
+        if tokens < 1:
+            raise ValueError(f"--tokens must be positive, got {tokens}")
     steps = args.steps if args.steps is not None else defaults.steps
+    if tokens is not None:
+        steps = -(-tokens // tokens_per_step)  # ceil: at least the tokens asked for
+    eval_every = args.eval_every if args.eval_every is not None else max(1, steps // 12)
+    eval_tokens = getattr(args, "eval_every_tokens", None)
+    if eval_tokens is not None:
+        if args.eval_every is not None:
+            raise ValueError("--eval-every and --eval-every-tokens exclude each other")
+        if eval_tokens < 1:
+            raise ValueError(f"--eval-every-tokens must be positive, got {eval_tokens}")
+        eval_every = -(-eval_tokens // tokens_per_step)
     lr = args.lr if args.lr is not None else defaults.lr
     dtype = args.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
     return TrainConfig(
         steps=steps,
-        batch_size=args.batch_size if args.batch_size is not None else defaults.batch_size,
-        seq_len=args.seq_len if args.seq_len is not None else defaults.seq_len,
+        batch_size=batch_size,
+        seq_len=seq_len,
         lr=lr,
         min_lr=args.min_lr if args.min_lr is not None else lr / 10,
         warmup_steps=args.warmup_steps if args.warmup_steps is not None else steps // 10,
-        eval_every=args.eval_every if args.eval_every is not None else max(1, steps // 12),
+        eval_every=eval_every,
         eval_sequences=args.eval_sequences if args.eval_sequences is not None else defaults.eval_sequences,
         seed=seed,
         dtype=dtype,
@@ -405,6 +522,7 @@ def _run_one(
 ) -> RunOutcome:
     recipe = spec.recipe
     name = _run_name(spec.label, cfg.seed)
+    float32 = float32_name(cfg.dtype, device)
     csv_path = out / f"{name}.csv"
     result_path = out / f"{name}.json"
     checkpoint_path = out / "checkpoints" / f"{name}.pt"
@@ -455,12 +573,13 @@ def _run_one(
         to_recipe, to_options = switch_options(spec.switch_to)
         if stats_interval:
             to_options["stats_interval"] = stats_interval
-        switch = PrecisionSwitch(cfg.steps, spec.switch_last, to_recipe, from_recipe=recipe, backend=args.backend,
-                                 options=to_options)
+        switch = PrecisionSwitch(cfg.steps, spec.switch_last, to_recipe, from_recipe=display_recipe(recipe, float32),
+                                 backend=args.backend, options=to_options,
+                                 to_label=display_recipe(spec.switch_to, float32))
         recipe_of = lambda step: spec.switch_to if step - 1 >= switch.switch_step else recipe  # noqa: E731
-        print(f"bench train: {spec.label} seed {cfg.seed}: {recipe} for {switch.switch_step} steps, then "
-              f"{spec.switch_to} for the last {switch.last_steps} (switch step {switch.switch_step} of {cfg.steps})",
-              flush=True)
+        print(f"bench train: {spec.display(float32)} seed {cfg.seed}: {display_recipe(recipe, float32)} for "
+              f"{switch.switch_step} steps, then {display_recipe(spec.switch_to, float32)} for the last "
+              f"{switch.last_steps} (switch step {switch.switch_step} of {cfg.steps})", flush=True)
 
     previous_history = []
     if resuming:
@@ -477,7 +596,7 @@ def _run_one(
         val_data,
         on_step=lambda record: _append_csv_row(csv_path, record, recipe_of(record.step)),
         progress=not args.no_progress,
-        desc=f"{spec.label} seed {cfg.seed}",
+        desc=f"{spec.display(float32)} seed {cfg.seed}",
         checkpoint_path=checkpoint_path if use_checkpoints else None,
         checkpoint_every=checkpoint_every,
         resume=resuming,
@@ -549,7 +668,8 @@ def run(args: argparse.Namespace) -> int:
     invocation_start = time.perf_counter()
     try:
         recipes = _parse_recipes(args.recipes)
-        specs = _run_specs(recipes, getattr(args, "switch_last", None), getattr(args, "switch_to", "bf16"))
+        lrs = _parse_lrs(getattr(args, "lrs", None), args.lr)
+        specs = _run_specs(recipes, getattr(args, "switch_last", None), getattr(args, "switch_to", "bf16"), lrs)
         if args.seeds < 1:
             raise ValueError("--seeds must be at least 1")
         model_config = preset(args.preset)
@@ -573,13 +693,24 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    float32 = float32_name(cfg.dtype, device)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    if getattr(args, "tokens", None) is not None:
+        print(f"bench train: --tokens {args.tokens}: {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} = "
+              f"{tokens_per_step} tokens ({cfg.steps * tokens_per_step} tokens)", flush=True)
+    if getattr(args, "eval_every_tokens", None) is not None:
+        print(f"bench train: --eval-every-tokens {args.eval_every_tokens}: validation every {cfg.eval_every} steps "
+              f"({cfg.eval_every * tokens_per_step} tokens) and at the last step", flush=True)
+    if float32 is not None and any(display_recipe(spec.recipe, float32) != spec.recipe for spec in specs):
+        print(f"bench train: autocast {cfg.dtype} on {device}: the bf16 recipe computes in float32, called "
+              f"\"{float32}\" below", flush=True)
 
     outcomes: list[RunOutcome] = []
     # Seeds outermost: an interrupted benchmark has complete comparisons for the first seeds.
     for seed in seeds:
-        cfg = configs[seed]
         for spec in specs:
-            recipe = spec.label
+            cfg = _spec_config(configs[seed], spec, args.min_lr)
+            recipe = spec.display(float32)
             key = _run_key(args, spec, cfg, max_bytes)
             try:
                 outcome = _run_one(args, spec, cfg, key, train_data, val_data, device, out)
@@ -589,7 +720,7 @@ def run(args: argparse.Namespace) -> int:
             except Exception as error:  # noqa: BLE001 - one recipe's failure must not stop the others
                 traceback.print_exc()
                 print(f"bench train: {recipe} seed {seed} failed: {error!r}", file=sys.stderr)
-                outcome = RunOutcome(recipe=recipe, seed=seed, error=f"{type(error).__name__}: {error}")
+                outcome = RunOutcome(recipe=spec.label, seed=seed, error=f"{type(error).__name__}: {error}")
             if outcome.diverged:
                 print(f"bench train: {recipe} seed {seed} diverged at step {outcome.diverged_at_step}", file=sys.stderr)
             outcomes.append(outcome)
@@ -607,14 +738,36 @@ def run(args: argparse.Namespace) -> int:
         "wall_time_s": wall_time,
     }
     labels = [spec.label for spec in specs]
+    names = {spec.label: spec.display(float32) for spec in specs}
+    baselines = {spec.label: spec.baseline_label for spec in specs}
+    context["names"] = names
+    context["baseline_name"] = display_recipe(BASELINE_RECIPE, float32)
     if getattr(args, "switch_last", None) is not None:
-        context["switch"] = {"to": args.switch_to, "last_fraction": args.switch_last,
+        context["switch"] = {"to": args.switch_to, "to_name": display_recipe(args.switch_to, float32),
+                             "last_fraction": args.switch_last,
                              "switch_step": switch_step_for(configs[seeds[0]].steps, args.switch_last)}
-    plot_loss_curves(outcomes, labels, out / "loss_curves.png", title=f"{args.preset}, backend {args.backend}")
-    rows = summarize(outcomes, labels)
-    (out / "summary.md").write_text(render_summary_markdown(rows, context))
+    rows = summarize(outcomes, labels, baselines)
+    for row in rows:
+        row["label"] = names[row["recipe"]]
+    sweep = best_rates(outcomes, specs, float32) if lrs != [None] else None
+    if sweep is not None:
+        context["lrs"] = lrs
+        for entry in sweep:
+            if entry["best_lr"] is None:
+                print(f"bench train: best learning rate of {entry['name']}: none (every rate diverged or failed)")
+            else:
+                print(f"bench train: best learning rate of {entry['name']}: {entry['best_lr']:g} "
+                      f"(final val loss {entry['best_loss']:.4f})", flush=True)
+    title = f"{args.preset}, backend {args.backend}"
+    plotted = _plot_or_explain(plot_loss_curves, outcomes, labels, out / "loss_curves.png", title=title, names=names)
+    if plotted:
+        _plot_or_explain(plot_gap_curves, outcomes, labels, baselines, out / "gap_curves.png", names=names,
+                         baseline_name=context["baseline_name"], title=title)
+    context["plots"] = plotted
+    (out / "summary.md").write_text(render_summary_markdown(rows, context, sweep))
     (out / "summary.json").write_text(
-        json.dumps({"rows": rows, "context": context | {"train": asdict(context["train"])}}, indent=1, default=str)
+        json.dumps({"rows": rows, "sweep": sweep, "context": context | {"train": asdict(context["train"])}},
+                   indent=1, default=str)
     )
     print(f"bench train: results in {out}")
     return 1 if any(outcome.error for outcome in outcomes) else 0
@@ -626,13 +779,28 @@ def param_count_of_preset(name: str) -> int:
         return param_count(Llama(preset(name)))
 
 
-def summarize(outcomes: list[RunOutcome], recipes: list[str]) -> list[dict]:
-    """One row per recipe: mean final val loss, paired gap to the baseline, speed, divergence.
+def _paired_gaps(by_run: dict, label: str, baseline: str, seeds: list[int]) -> list[float]:
+    """Per seed, 100 (loss_label - loss_baseline) / loss_baseline, over seeds where both finished."""
+    gaps = []
+    for seed in seeds:
+        o, base = by_run.get((label, seed)), by_run.get((baseline, seed))
+        if o is None or base is None or o.error is not None or base.error is not None or o.diverged or base.diverged:
+            continue
+        if not math.isfinite(o.final_val_loss) or not math.isfinite(base.final_val_loss):
+            continue
+        gaps.append(100.0 * (o.final_val_loss - base.final_val_loss) / base.final_val_loss)
+    return gaps
+
+
+def summarize(outcomes: list[RunOutcome], recipes: list[str], baselines: dict[str, str] | None = None) -> list[dict]:
+    """One row per recipe (run label): mean final val loss, paired gap to the baseline, speed, divergence.
 
     The gap of recipe r for seed k is ``(loss_r,k - loss_bf16,k) / loss_bf16,k``;
     its mean and sample standard deviation are over the seeds where both runs
-    finished without diverging.
+    finished without diverging. ``baselines``: each label's baseline label
+    (default: ``bf16``; in a learning-rate sweep, bf16 at the same rate).
     """
+    baselines = baselines or {}
     by_run = {(o.recipe, o.seed): o for o in outcomes}
     seeds = sorted({o.seed for o in outcomes})
     rows = []
@@ -640,14 +808,7 @@ def summarize(outcomes: list[RunOutcome], recipes: list[str]) -> list[dict]:
         runs = [by_run[(recipe, seed)] for seed in seeds if (recipe, seed) in by_run]
         finished = [o for o in runs if o.error is None]
         losses = [o.final_val_loss for o in finished if not o.diverged and math.isfinite(o.final_val_loss)]
-        gaps = []
-        for o in finished:
-            baseline = by_run.get((BASELINE_RECIPE, o.seed))
-            if baseline is None or baseline.error is not None or baseline.diverged:
-                continue
-            if o.diverged or not math.isfinite(o.final_val_loss) or not math.isfinite(baseline.final_val_loss):
-                continue
-            gaps.append(100.0 * (o.final_val_loss - baseline.final_val_loss) / baseline.final_val_loss)
+        gaps = _paired_gaps(by_run, recipe, baselines.get(recipe, BASELINE_RECIPE), seeds)
         speeds = [o.tokens_per_s for o in finished if math.isfinite(o.tokens_per_s)]
         rows.append(
             {
@@ -668,6 +829,47 @@ def summarize(outcomes: list[RunOutcome], recipes: list[str]) -> list[dict]:
     return rows
 
 
+def best_rates(outcomes: list[RunOutcome], specs: list[RunSpec], float32: str | None = None) -> list[dict]:
+    """Per recipe of a --lrs sweep: mean final val loss at each rate, the best rate, and its paired gap.
+
+    The best rate has the lowest mean final validation loss over seeds, among
+    the rates where no seed diverged or failed. The gap pairs, seed by seed,
+    the recipe at its best rate with the baseline at the baseline's best rate.
+    """
+    by_run = {(o.recipe, o.seed): o for o in outcomes}
+    seeds = sorted({o.seed for o in outcomes})
+    bases: dict[str, list[RunSpec]] = {}
+    for spec in specs:
+        bases.setdefault(spec.base, []).append(spec)
+    entries = {}
+    for base, runs in bases.items():
+        losses = {}
+        for spec in runs:
+            results = [by_run.get((spec.label, seed)) for seed in seeds]
+            complete = all(o is not None and o.error is None and not o.diverged and math.isfinite(o.final_val_loss)
+                           for o in results)
+            losses[spec.lr] = statistics.fmean(o.final_val_loss for o in results) if complete else None
+        ranked = [lr for lr in losses if losses[lr] is not None]
+        best = min(ranked, key=lambda lr: losses[lr]) if ranked else None
+        entries[base] = {
+            "recipe": base,
+            "name": RunSpec(runs[0].recipe, runs[0].switch_to, runs[0].switch_last).display(float32),
+            "final_val_loss_by_lr": {f"{lr:g}": loss for lr, loss in losses.items()},
+            "best_lr": best,
+            "best_loss": losses[best] if best is not None else None,
+            "best_label": RunSpec(runs[0].recipe, runs[0].switch_to, runs[0].switch_last, best).label
+            if best is not None else None,
+        }
+    baseline = entries.get(BASELINE_RECIPE)
+    for entry in entries.values():
+        gaps = []
+        if baseline is not None and baseline["best_label"] is not None and entry["best_label"] is not None:
+            gaps = _paired_gaps(by_run, entry["best_label"], baseline["best_label"], seeds)
+        entry["best_gap_pct_mean"] = statistics.fmean(gaps) if gaps else None
+        entry["best_gap_pct_std"] = statistics.stdev(gaps) if len(gaps) >= 2 else None
+    return list(entries.values())
+
+
 def _machine_description(device: str) -> str:
     processor = platform.processor() or platform.machine()
     text = f"{processor}, {os.cpu_count()} CPUs"
@@ -676,14 +878,16 @@ def _machine_description(device: str) -> str:
     return text
 
 
-def render_summary_markdown(rows: list[dict], context: dict) -> str:
-    """The ``summary.md`` text: setup, results table, plot."""
+def render_summary_markdown(rows: list[dict], context: dict, sweep: list[dict] | None = None) -> str:
+    """The ``summary.md`` text: setup, results table, the learning-rate sweep, plots."""
 
     def number(value, fmt):
         return "n/a" if value is None else format(value, fmt)
 
     cfg: TrainConfig = context["train"]
     seeds = context["seeds"]
+    names = context.get("names", {})
+    baseline_name = context.get("baseline_name", BASELINE_RECIPE)
     lines = [
         f"# Training benchmark: preset `{context['preset']}`",
         "",
@@ -695,19 +899,22 @@ def render_summary_markdown(rows: list[dict], context: dict) -> str:
         f"autocast {cfg.dtype}.",
         f"- Data: {context['data']} ({context['corpus_bytes']:,} bytes, last {VAL_FRACTION:.0%} held out; "
         f"{cfg.eval_sequences} validation sequences). Seeds: {', '.join(map(str, seeds))}.",
-        f"- Gap to {BASELINE_RECIPE}: per seed (loss - loss_{BASELINE_RECIPE}) / loss_{BASELINE_RECIPE}, "
-        "then mean and sample std over seeds.",
+        f"- Gap to {baseline_name}: per seed (loss - loss_{BASELINE_RECIPE}) / loss_{BASELINE_RECIPE}, "
+        "then mean and sample std over seeds" + (" (at the same learning rate)." if sweep else "."),
     ]
+    if baseline_name != BASELINE_RECIPE:
+        lines.append(f"- {baseline_name}: the `{BASELINE_RECIPE}` recipe keeps every matmul in the compute dtype, "
+                     f"which is float32 here (autocast {cfg.dtype}); file names and JSON keys say `{BASELINE_RECIPE}`.")
     switch = context.get("switch")
     if switch:
         lines.append(
             f"- Late precision switch: each `<recipe>_to_{switch['to']}` run trains under its recipe for "
-            f"{switch['switch_step']} steps, then is recompiled with `{switch['to']}` for the last "
-            f"{cfg.steps - switch['switch_step']} (--switch-last {switch['last_fraction']:g})."
+            f"{switch['switch_step']} steps, then is recompiled with {switch.get('to_name', switch['to'])} for the "
+            f"last {cfg.steps - switch['switch_step']} (--switch-last {switch['last_fraction']:g})."
         )
     lines += [
         "",
-        f"| recipe | final val loss | gap to {BASELINE_RECIPE} (%) | gap std (%) | tokens/s | diverged |",
+        f"| recipe | final val loss | gap to {baseline_name} (%) | gap std (%) | tokens/s | diverged |",
         "|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -721,14 +928,32 @@ def render_summary_markdown(rows: list[dict], context: dict) -> str:
             diverged += f"; {row['failed_seeds']} run(s) failed"
         gap = row["gap_to_bf16_pct_mean"]
         lines.append(
-            f"| {row['recipe']} | {number(row['final_val_loss_mean'], '.4f')} | "
+            f"| {names.get(row['recipe'], row['recipe'])} | {number(row['final_val_loss_mean'], '.4f')} | "
             f"{'n/a' if gap is None else format(gap, '+.2f')} | {number(row['gap_to_bf16_pct_std'], '.2f')} | "
             f"{number(row['tokens_per_s'], ',.0f')} | {diverged} |"
         )
     errors = [(row["recipe"], error) for row in rows for error in row["errors"]]
     if errors:
         lines += ["", "Failed runs:", ""] + [f"- {recipe}: `{error}`" for recipe, error in errors]
-    lines += ["", "![loss curves](loss_curves.png)", ""]
+    if sweep:
+        rates = [f"{lr:g}" for lr in context["lrs"]]
+        lines += ["", "## Learning-rate sweep", "",
+                  "Final validation loss (mean over seeds; n/a: a seed diverged or failed) at each peak rate; the "
+                  f"gap pairs each recipe at its best rate with {baseline_name} at its best rate, seed by seed.", "",
+                  "| recipe | " + " | ".join(f"lr {rate}" for rate in rates) + f" | best lr | gap to {baseline_name} "
+                  "at best rates (%) | gap std (%) |",
+                  "|---|" + "---|" * (len(rates) + 3)]
+        for entry in sweep:
+            losses = [number(entry["final_val_loss_by_lr"].get(rate), ".4f") for rate in rates]
+            best = "n/a" if entry["best_lr"] is None else f"{entry['best_lr']:g}"
+            gap = entry["best_gap_pct_mean"]
+            lines.append(f"| {entry['name']} | " + " | ".join(losses) + f" | {best} | "
+                         f"{'n/a' if gap is None else format(gap, '+.2f')} | "
+                         f"{number(entry['best_gap_pct_std'], '.2f')} |")
+    if context.get("plots", True):
+        lines += ["", "![loss curves](loss_curves.png)", "", "![gap to the baseline over training](gap_curves.png)", ""]
+    else:
+        lines += ["", "(no plots: matplotlib is not installed)", ""]
     return "\n".join(lines)
 
 
@@ -757,9 +982,83 @@ def _moving_average(values: list[float]) -> list[float]:
     return smoothed
 
 
-def plot_loss_curves(outcomes: list[RunOutcome], recipes: list[str], path: Path, title: str = "") -> None:
+def _plot_or_explain(plot, *args, **kwargs) -> bool:
+    """Run a plot function; without matplotlib, say so once per plot and return False."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(f"bench train: matplotlib is not installed, so no {Path(args[-1]).name} (pip install matplotlib); "
+              "the CSV, JSON and summary files are complete", file=sys.stderr)
+        return False
+    plot(*args, **kwargs)
+    return True
+
+
+def plot_gap_curves(outcomes: list[RunOutcome], recipes: list[str], baselines: dict[str, str], path: Path,
+                    names: dict[str, str] | None = None, baseline_name: str = BASELINE_RECIPE,
+                    title: str = "") -> list[str]:
+    """Paired validation gap to the baseline over training: one curve per run label (mean over seeds),
+    the band between the lowest and highest seed shaded. Returns the labels plotted.
+
+    At each validation step where both runs of a seed logged a loss, the gap is
+    ``100 (loss - loss_baseline) / loss_baseline`` for that seed.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = names or {}
+    by_run = {(o.recipe, o.seed): o for o in outcomes if o.error is None}
+    figure, axes = plt.subplots(figsize=(9, 5))
+    colors = plt.get_cmap("tab10")
+    plotted = []
+    for index, label in enumerate(recipes):
+        baseline = baselines.get(label, BASELINE_RECIPE)
+        if label == baseline:
+            continue
+        per_seed = []
+        for (run_label, seed), outcome in by_run.items():
+            base = by_run.get((baseline, seed))
+            if run_label != label or base is None:
+                continue
+            base_loss = {r.step: r.val_loss for r in base.history if math.isfinite(r.val_loss)}
+            per_seed.append({r.step: 100.0 * (r.val_loss - base_loss[r.step]) / base_loss[r.step]
+                             for r in outcome.history if math.isfinite(r.val_loss) and r.step in base_loss})
+        if not per_seed or not all(per_seed):
+            continue
+        steps = sorted(set.intersection(*(set(gaps) for gaps in per_seed)))
+        if not steps:
+            continue
+        color = colors(index % 10)
+        mean = [statistics.fmean(gaps[step] for gaps in per_seed) for step in steps]
+        axes.plot(steps, mean, color=color, marker="o", markersize=3,
+                  label=f"{names.get(label, label)} ({len(per_seed)} seed{'s' if len(per_seed) > 1 else ''})")
+        if len(per_seed) > 1:
+            axes.fill_between(steps, [min(g[step] for g in per_seed) for step in steps],
+                              [max(g[step] for g in per_seed) for step in steps], color=color, alpha=0.2)
+        switch_step = next((o.switch_step for o in outcomes if o.recipe == label and o.switch_step is not None), None)
+        if switch_step is not None:
+            axes.axvline(switch_step + 0.5, color=color, linestyle=":", linewidth=1)
+        plotted.append(label)
+    axes.axhline(0.0, color="black", linewidth=0.8)
+    axes.set_xlabel("step")
+    axes.set_ylabel(f"validation loss gap to {baseline_name} (%)")
+    axes.set_title("Paired gap to the baseline over training (mean over seeds, min-max band)"
+                   + (f": {title}" if title else ""), fontsize=9)
+    axes.grid(alpha=0.3)
+    if plotted:
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return plotted
+
+
+def plot_loss_curves(outcomes: list[RunOutcome], recipes: list[str], path: Path, title: str = "",
+                     names: dict[str, str] | None = None) -> None:
     """One figure: validation loss (markers) and smoothed training loss (faint) per recipe,
-    averaged over seeds, with an inset zoomed on the last 30% of training."""
+    averaged over seeds, with an inset zoomed on the last 30% of training. ``names``: legend text per label."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -781,7 +1080,7 @@ def plot_loss_curves(outcomes: list[RunOutcome], recipes: list[str], path: Path,
         diverged = any(o.diverged for o in outcomes if o.recipe == recipe)
         train_steps, train_loss = _mean_curve(histories, "train_loss")
         val_steps, val_loss = _mean_curve(histories, "val_loss")
-        label = recipe + (" (diverged)" if diverged else "")
+        label = (names or {}).get(recipe, recipe) + (" (diverged)" if diverged else "")
         axes.plot(train_steps, _moving_average(train_loss), color=color, alpha=0.3, linewidth=1)
         axes.plot(val_steps, val_loss, color=color, marker="o", markersize=3, linewidth=1.5, label=label)
         if diverged and train_steps:
