@@ -143,7 +143,7 @@ def test_fp8_gradient_gemm_formula_equals_gradient_gemm_on_cpu(m):
 _GEMM_OPS = ("_scaled_mm", "mm", "bmm", "addmm", "matmul", "baddbmm", "dot", "mv")
 
 
-def _aten_gemms_of_lowered_linear(recipe, m=32, k=256, n=48):
+def _aten_gemms_of_lowered_linear(recipe, m=32, k=256, n=48, overrides=None, all_ops=None):
     """[(op name, input shapes)] of every GEMM in the fwd and bwd aten graphs of one
     bf16 `nn.Linear(k, n)` under `recipe`, lowered for CUDA as on an FP8 GPU and run
     on CPU tensors (torch's CPU `_scaled_mm` stands in for the tensor cores)."""
@@ -163,7 +163,8 @@ def _aten_gemms_of_lowered_linear(recipe, m=32, k=256, n=48):
 
     def backend(gm, example_inputs):
         with cuda.assume_fp8_tensor_cores(True):
-            prepare(gm, example_inputs, {"recipe": recipe, "target": "cuda", "cuda_size_policy": False}, "fp4", lower=True)
+            prepare(gm, example_inputs, {"recipe": recipe, "target": "cuda", "cuda_size_policy": False,
+                                         **(overrides or {})}, "fp4", lower=True)
         return aot_autograd(fw_compiler=keep, bw_compiler=keep)(gm, example_inputs)
 
     torch._dynamo.reset()
@@ -177,6 +178,8 @@ def _aten_gemms_of_lowered_linear(recipe, m=32, k=256, n=48):
     gemms = []
     for gm in graphs:
         for node in gm.graph.nodes:
+            if all_ops is not None and node.op == "call_function":
+                all_ops.append(getattr(node.target, "__name__", str(node.target)))
             if node.op == "call_function" and getattr(node.target, "__name__", "").split(".")[0] in _GEMM_OPS:
                 shapes = [tuple(a.meta["val"].shape) for a in node.args[:2] if isinstance(a, torch.fx.Node)]
                 gemms.append((node.target.__name__.split(".")[0], shapes))
@@ -185,22 +188,105 @@ def _aten_gemms_of_lowered_linear(recipe, m=32, k=256, n=48):
 
 
 @pytest.mark.skipif(not _cpu_scaled_mm_available(), reason="this torch build has no CPU torch._scaled_mm")
-@pytest.mark.parametrize("recipe", ["fp8", "fp4-direct", "paper"])
-def test_quantized_linear_has_three_fp8_gemms_and_only_the_designed_others(recipe):
+@pytest.mark.parametrize("recipe,compensation", [("fp8", None), ("fp4-direct", None), ("paper", "fp8_folded"),
+                                                 ("paper", "channels")])
+def test_quantized_linear_has_three_fp8_gemms_and_only_the_designed_others(recipe, compensation):
     m, k, n = 32, 256, 48
-    gemms = _aten_gemms_of_lowered_linear(recipe, m, k, n)
+    overrides = {"cuda_compensation": compensation} if compensation else None
+    ops = []
+    gemms = _aten_gemms_of_lowered_linear(recipe, m, k, n, overrides, ops)
     scaled = [g for g in gemms if g[0] == "_scaled_mm"]
     others = [g for g in gemms if g[0] != "_scaled_mm"]
     # Forward [M, K] x [K, N]; input gradient [M, N] x [N, K]; weight gradient [N, M] x [M, K].
     assert sorted(s for _, s in scaled) == sorted([[(m, k), (k, n)], [(m, n), (n, k)], [(n, m), (m, k)]]), gemms
-    if recipe != "paper":
+    if compensation != "channels":
+        # fp8, fp4-direct, and paper with the compensation folded into the activation codes:
+        # exactly the three FP8 GEMMs, no compensation GEMM, no float32 mm.
         assert others == [], f"a quantized site runs a non-FP8 GEMM: {others}"
+        sparse = [op for op in ops if op.split(".")[0] in ("gather", "scatter", "scatter_add", "index_add",
+                                                            "index_put", "index", "index_select")]
+        assert sparse == [], f"no gather or scatter without a sparse compensation: {sparse}"
         return
-    # paper: exactly the channel compensation's two GEMMs, over |C| = 128 < K channels
+    # channels: exactly the channel compensation's two GEMMs, over |C| = 128 < K channels
     # (on CPU float32 they run unsplit: [M, |C|] x [|C|, N] and [N, M] x [M, |C|]).
     cap = cuda_compensation.channel_cap(k)
     assert cap == 128 < k
     assert sorted(s for _, s in others) == sorted([[(m, cap), (cap, n)], [(n, m), (m, cap)]]), gemms
+
+
+# ---------------------------------------------------------------------------
+# The folded compensation (cuda_compensation="fp8_folded") against the reference (CPU).
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("x_shape,n", [((37, 100), 48), ((64, 256), 32), ((2, 19, 160), 24)])
+def test_folded_lowering_matches_reference_within_the_e4m3_bound_float64(x_shape, n):
+    """`folded_activation_op` + `folded_fp8_gemm_op` against the semantic ops, float64.
+
+    y: the folded product must equal (codes * scale) @ dequant(W).T to float64
+    rounding (the GEMM wiring), and differ from the exact compensation by at most
+    the fold's error, |y - y_ref| <= fold_error_bound(v, 2**e) * x_s @ |dequant(W)|.T
+    (outliers only; non-outliers are exact). dx: the same input-gradient GEMM
+    (float64 rounding). dW (before DGE): the same E5M2 gradient operand (no row
+    falls back here, asserted) times codes instead of x_q + r / x_s: at most
+    (|g_op| @ fold_error_bound) * g_scale. A dropped compensation exceeds these.
+    """
+    from fp4compile.lowering import cuda
+    from fp4compile.runtime import folded
+    from fp4compile.runtime.gemm import gradient_operand
+    from fp4compile.runtime.linear_ops import fp4_gemm_op, occ_clamp_op, quantize_activation_op
+    from fp4compile.runtime.occ import occ_split, occ_thresholds
+
+    gen = torch.Generator().manual_seed(sum(x_shape) + n)
+    k = x_shape[-1]
+    x = torch.randn(*x_shape, generator=gen, dtype=torch.float64)
+    x[..., torch.randperm(k, generator=gen)[: max(1, k // 40)]] *= 20
+    w_q, w_s = quantize(torch.randn(n, k, generator=gen, dtype=torch.float64) * 0.05, "row", "e2m1")
+    bias = torch.randn(n, generator=gen, dtype=torch.float64)
+    grad_y = torch.randn(*x_shape[:-1], n, generator=gen, dtype=torch.float64)
+
+    def run(fn):
+        xx = x.clone().requires_grad_()
+        ww = w_q.clone().requires_grad_()
+        y = fn(xx, ww)
+        y.backward(grad_y)
+        return y.detach(), xx.grad, ww.grad
+
+    def semantic(xx, ww):
+        clamped, values, index = occ_clamp_op(xx, 99, 100, "row")
+        x_q, x_s = quantize_activation_op(clamped, "e2m1", "row")
+        y = fp4_gemm_op(x_q, x_s, ww, w_s, bias, "e5m2", torch.float64, True)
+        return y + compensate_op(values, index, xx.shape, x_s, ww, w_s, "e5m2", torch.float64)
+
+    def lowered(xx, ww):
+        codes, scale = cuda.folded_activation_op(xx, 99, 100, "row", "e2m1", "row", True)
+        assert codes.dtype == torch.float64  # float64 keeps float64 codes (reference products)
+        return cuda.folded_fp8_gemm_op(xx, codes, scale, ww, w_s, bias, "e5m2", torch.float64)
+
+    y_ref, dx_ref, dw_ref = run(semantic)
+    y, dx, dw = run(lowered)
+    codes, scale = cuda.folded_activation_op(x, 99, 100, "row", "e2m1", "row", True)
+    w_deq = w_q * w_s
+    oracle = (codes * scale) @ w_deq.t() + bias
+    assert torch.allclose(y, oracle, rtol=1e-12, atol=1e-12 * oracle.abs().max().item())
+    upper, lower = occ_thresholds(x, 99, 100, "row")
+    clamped, residual = occ_split(x, upper, lower)
+    x_q, x_s = quantize(clamped, "row", "e2m1")
+    factor = scale / x_s
+    assert bool((factor == 1).all())
+    v = x_q + residual / x_s
+    entry_bound = folded.fold_error_bound(v, factor) * (residual != 0)
+    slack = 1e-12 * (x.abs() @ w_deq.abs().t())
+    bound_y = (entry_bound * x_s) @ w_deq.abs().t() + slack
+    assert ((y - y_ref).abs() <= bound_y).all()
+    # Not vacuous: dropping the compensation (x_q alone) breaks the bound.
+    dropped = (x_q * x_s) @ w_deq.t() + bias
+    assert not ((dropped - y_ref).abs() <= bound_y).all()
+    assert torch.allclose(dx, dx_ref, rtol=1e-12, atol=1e-12 * dx_ref.abs().max().item())
+    g2 = grad_y.reshape(-1, n)
+    g_op, g_scale, _ = gradient_operand(g2.t(), x_s.reshape(-1, 1), "e5m2", torch.float64)
+    bound_w = (g_op.abs() @ entry_bound.reshape(-1, k)) * g_scale + 1e-12 * dw_ref.abs().max()
+    assert ((dw - dw_ref).abs() <= bound_w).all()
 
 
 # ---------------------------------------------------------------------------

@@ -65,17 +65,21 @@ def round_e4m3(v: torch.Tensor) -> torch.Tensor:
     """Round to the nearest float8_e4m3fn value, ties to even, saturating at +-448; NaN kept.
 
     Exact arithmetic, no float8 conversion: the spacing of E4M3 numbers around
-    |v| is 2**(max(floor(log2|v|), -6) - 3) (frexp gives the exponent exactly),
-    dividing by a power of two is exact, `torch.round` rounds half to even, and
-    the even multiples of the spacing are the codes with an even mantissa. A
-    value that rounds up to the next binade lands on its first number, which is
-    on the grid. Same results in float32 and float64 (no double rounding
-    through float32), and the same as the hardware's round-to-nearest-even.
+    |v| is 2**(b - 3) with b = floor(log2|v|) clamped to E4M3's binades
+    [-6, 8] (found by exact comparisons with powers of two; below 2**-6 the
+    subnormal spacing 2**-9); dividing by a power of two is exact,
+    `torch.round` rounds half to even, and the even multiples of the spacing
+    are the codes with an even mantissa. A value that rounds up to the next
+    binade lands on its first number, which is on the grid. Same results in
+    float32 and float64 (no double rounding through float32), and the same as
+    the hardware's round-to-nearest-even. (Comparisons rather than frexp:
+    Inductor's C++ backend fails to vectorize frexp's integer exponent in
+    float64 kernels.)
     """
     a = v.abs().clamp(max=E4M3_MAX)  # saturate first (Inf too); clamp keeps NaN
-    _, exponent = torch.frexp(a)  # a = m * 2**exponent, m in [0.5, 1): floor(log2 a) = exponent - 1
-    binade = (exponent - 1).clamp(min=_E4M3_MIN_NORMAL_EXPONENT)
-    spacing = torch.exp2((binade - _E4M3_MANTISSA_BITS).to(a.dtype))
+    spacing = torch.full_like(a, 2.0 ** (_E4M3_MIN_NORMAL_EXPONENT - _E4M3_MANTISSA_BITS))
+    for b in range(_E4M3_MIN_NORMAL_EXPONENT + 1, 9):  # binades -5 .. 8 (448 = 1.75 * 2**8)
+        spacing = torch.where(a >= 2.0**b, 2.0 ** (b - _E4M3_MANTISSA_BITS), spacing)
     q = (torch.round(a / spacing) * spacing).clamp(max=E4M3_MAX)
     q = torch.copysign(q, v)
     return torch.where(is_nan(v), v, q)
