@@ -71,7 +71,11 @@ def test_recipe_semantic_graph_equals_reference_float64(case, paper_results):
     assert sorted(s.weight_name for s in sites) == ["down.weight", "up.weight"]
     expected = _forward_backward(model, _seeded(ReferenceTwoLinears(model, config), 7), x, dy)
     _assert_all_close(got, expected, case)
-    _assert_differs(got, paper_results, case)
+    # Every gradient moves away from paper's; so does the output unless only the backward changed.
+    same_forward = options["recipe"] == "paper"
+    _assert_differs(got[1:] if same_forward else got, paper_results[1:] if same_forward else paper_results, case)
+    if same_forward:
+        torch.testing.assert_close(got[0], paper_results[0], rtol=1e-10, atol=1e-12)
     for name, g in zip(["output", "grad x", "grad up.weight", "grad up.bias", "grad down.weight"], got):
         assert torch.isfinite(g).all(), name
     fp4compile.reset()
@@ -174,8 +178,8 @@ def test_nvfp4_under_inductor_is_seeded_and_reported():
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         torch.manual_seed(seed)
         losses = []
-        for step in range(steps):
-            x = torch.randn(4, 16, 64, generator=torch.Generator().manual_seed(step))
+        x = torch.randn(4, 16, 64, generator=torch.Generator().manual_seed(0))
+        for _ in range(steps):
             loss = compiled(x).pow(2).mean()
             opt.zero_grad()
             loss.backward()

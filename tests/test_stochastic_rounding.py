@@ -169,7 +169,12 @@ def test_quantize_stochastic_uses_one_draw_of_the_generator(granularity, fmt):
     x[0, 0, :16] *= 1e3
     got, scale = quantize(x, granularity, fmt, rounding="stochastic", generator=torch.Generator().manual_seed(5))
     values_rtn, scale_rtn = quantize(x, granularity, fmt)
-    assert torch.equal(scale, scale_rtn)  # scales do not depend on the rounding
+    if granularity in ("row", "tensor"):
+        assert torch.equal(scale, scale_rtn)  # the max maps to the format max either way
+    else:
+        # Block scales round up with stochastic rounding, so nothing saturates (a bias).
+        assert (scale >= scale_rtn).all() and (scale > scale_rtn).any()
+        assert ((x / scale).abs() <= FORMAT_MAX[fmt] * (1 + 2 ** -20)).all()
     scaled = (x / scale).double().numpy()  # float32 division, as quantize does
     _assert_same(got, stochastic_round_oracle(scaled, _draws(5, x.shape).double().numpy(), GRIDS[fmt]))
     assert not torch.equal(got, values_rtn)
@@ -229,3 +234,32 @@ def test_bad_rounding_arguments_raise_clear_errors():
         quantize_gradient(v, "e3m2")
     with pytest.raises(ValueError, match="floating"):
         quantize_gradient(torch.ones(4, 32, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("granularity", ["block16", "block32", "block16x16"])
+def test_stochastic_block_scales_are_the_smallest_that_do_not_saturate(granularity):
+    """block32: the power of two at or above amax / 6; block16(x16): the E4M3 value at or above
+    amax / 6 / tensor_scale (oracle: the explicit E4M3 grid), so the block max lands in (fmax / 2, fmax]."""
+    import numpy as np
+
+    from .oracles import E4M3
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(32, 64, generator=gen, dtype=torch.float64) * torch.rand(32, 1, generator=gen,
+                                                                               dtype=torch.float64) * 10
+    _, scale = quantize(x, granularity, "e2m1", rounding="stochastic", generator=gen)
+    if granularity == "block16x16":
+        amax = x.reshape(2, 16, 4, 16).abs().amax(dim=(1, 3), keepdim=True).expand(2, 16, 4, 16).reshape(32, 64)
+    else:
+        b = int(granularity.removeprefix("block"))
+        amax = x.reshape(32, -1, b).abs().amax(-1, keepdim=True).expand(32, 64 // b, b).reshape(32, 64)
+    if granularity == "block32":
+        expected = torch.tensor([2.0 ** math.ceil(math.log2(a / 6)) for a in amax.flatten().tolist()],
+                                dtype=torch.float64).reshape(32, 64)
+    else:
+        tensor_scale = x.abs().max() / (6 * 448)
+        grid = np.array(sorted(v for v, _ in E4M3))
+        expected = torch.tensor([grid[np.searchsorted(grid, a / 6 / tensor_scale.item() * (1 - 1e-15))]
+                                 for a in amax.flatten().tolist()], dtype=torch.float64).reshape(32, 64) * tensor_scale
+    torch.testing.assert_close(scale, expected, rtol=1e-14, atol=0)
+    assert ((x / scale).abs() <= 6).all()

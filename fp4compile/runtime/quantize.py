@@ -18,6 +18,7 @@ from .formats import (
     is_nan,
     round_fp8,
     round_to_format,
+    stochastic_round,
 )
 
 GRANULARITIES = ("row", "tensor", "block32", "block16", "block16x16")
@@ -140,7 +141,10 @@ def quantize(
     up or down with the probability that makes it unbiased (`formats.stochastic_round`),
     with uniforms drawn once per call by `torch.rand(x.shape, generator=generator)`
     in the compute dtype: the same seeded generator gives the same result bit for
-    bit. The scales are the same for both roundings.
+    bit. Stochastic rounding is unbiased only where nothing saturates, so with it
+    the block scales never round down: "block32" takes the power of two at or
+    above amax / fmt_max, "block16"/"block16x16" round the E4M3 block scale up.
+    Row and tensor scales map the max to the format max either way.
     """
     _check(x, granularity, fmt, rounding, generator)
     x_hp = x.to(compute_dtype(x.dtype))
@@ -169,7 +173,13 @@ def quantize(
     blocks = x_hp.reshape(block_shape)
     block_noise = None if noise is None else noise.reshape(block_shape)
     amax = nan_aware_amax(blocks, dim=-1)
-    if granularity == "block32":
+    if granularity == "block32" and rounding == "stochastic":
+        # Unbiased rounding needs no element beyond the format max (saturation
+        # would pull it in, a bias): the power of two at or above amax / fmax,
+        # one binade above the MX rule for most blocks.
+        scale = power_of_two_scale(amax, fmax)
+        values = round_to_format(blocks / scale, fmt, rounding, block_noise)
+    elif granularity == "block32":
         # frexp: amax = m * 2**e with m in [0.5, 1), so floor(log2(amax)) = e - 1 exactly.
         _, exponent = torch.frexp(amax)
         shared_exp = (exponent - 1 - _EMAX_ELEMENT[fmt]).clamp(-127, 127)
@@ -194,7 +204,14 @@ def _nvfp4_two_level(blocks: torch.Tensor, amax: torch.Tensor, fmt: str, roundin
     tensor_scale = torch.where(
         finite_amax == 0, torch.ones_like(finite_amax), finite_amax / (fmax * 448.0)
     )
-    block_scale_e4m3 = round_fp8(amax / fmax / tensor_scale, "e4m3")
+    block_scale_hp = amax / fmax / tensor_scale
+    if rounding == "stochastic":
+        # Round the block scale UP to E4M3 (a stochastic rounding with zero noise
+        # goes up from anything off the grid): the block max then stays within
+        # the format max, and unbiased rounding is not undone by saturation.
+        block_scale_e4m3 = stochastic_round(block_scale_hp.clamp(max=448.0), "e4m3", torch.zeros_like(amax))
+    else:
+        block_scale_e4m3 = round_fp8(block_scale_hp, "e4m3")
     scale = block_scale_e4m3 * tensor_scale
     flushed = scale == 0
     scale = torch.where(flushed, torch.ones_like(scale), scale)
@@ -236,7 +253,8 @@ def quantize_gradient(
     `fmt` (E2M1 for the NVFP4 and MXFP4 recipes); `scale` has `values`' shape.
 
     rounding="stochastic" rounds unbiasedly with uniforms drawn once per call
-    from `generator` (see `quantize`); the scales do not depend on the rounding.
+    from `generator` (see `quantize`); block scales then round up, never down,
+    so that no element saturates (the tensor rule already rounds up).
     """
     if granularity not in GRADIENT_GRANULARITIES:
         raise ValueError(
