@@ -227,3 +227,25 @@ def test_recipes_train_the_llama_model():
         assert len(report.quantized) == 7 * 2  # q, k, v, o, gate, up, down in each of 2 blocks
         torch._dynamo.reset()
         fp4compile.reset()
+
+
+def test_recipes_train_a_hugging_face_llama():
+    """A Hugging Face LlamaForCausalLM (random init): one step per recipe, finite gradients, sites reported."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    for recipe in ("nvfp4", "mxfp4"):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config)
+        compiled = torch.compile(model, backend="fp4_eager", options={"recipe": recipe})
+        idx = torch.randint(0, 128, (2, 24))
+        loss = compiled(input_ids=idx, labels=idx).loss
+        loss.backward()
+        assert torch.isfinite(loss)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+        sites = [s for r in fp4compile.reports() for s in r.quantized]
+        assert len(sites) == 7 * 2
+        assert {s.module_path for s in sites} >= {"model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"}
+        torch._dynamo.reset()
+        fp4compile.reset()
