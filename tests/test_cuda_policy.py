@@ -35,6 +35,7 @@ CONFIGS = {
     "w4a8": {},
     "w8a4": {},
     "paper, occ_compensate=False": {"occ_compensate": False},
+    "paper, channels": {"cuda_compensation": "channels"},
 }
 GRID = list(itertools.product((256, 1000, 4096, 20000), (512, 2048, 11008), (128, 1024, 5120)))
 
@@ -175,9 +176,22 @@ def test_symbolic_tokens_use_the_size_hint():
     assert all("M=512 (size hint)" in reasons[name] for name in ("up", "down", "narrow")), reasons
 
 
-def test_paper_is_judged_at_full_coverage():
-    reasons = _reasons({"recipe": "paper", "target": "cuda"}, tokens=8192)
+def test_paper_channels_is_judged_at_full_coverage():
+    reasons = _reasons({"recipe": "paper", "target": "cuda", "cuda_compensation": "channels"}, tokens=8192)
     # Modelled 1.05x (4096 -> 14336) and 1.19x (14336 -> 4096) at coverage 1: quantized.
+    assert reasons["up"] == "" and reasons["down"] == ""
+    assert reasons["narrow"].startswith("CUDA size policy: modelled ")
+
+
+def test_paper_folded_is_judged_by_its_own_kernels():
+    """The folded compensation costs less than the channel path: at 8192 tokens every layer is
+    quantized (the narrow one too, modelled above 1x), at 1536 tokens only the narrow one is kept."""
+    config = Fp4Config.from_recipe("paper")
+    assert cuda_policy.predicted_ratio(config, 8192, 4096, 1024) > 1.0
+    assert _reasons({"recipe": "paper", "target": "cuda"}, tokens=8192) == {"up": "", "down": "", "narrow": ""}
+    even = [cuda_policy.break_even_tokens(config, k, n) for k, n in ((4096, 14336), (14336, 4096), (4096, 1024))]
+    assert max(even[:2]) <= 1536 < even[2]
+    reasons = _reasons({"recipe": "paper", "target": "cuda"}, tokens=1536)
     assert reasons["up"] == "" and reasons["down"] == ""
     assert reasons["narrow"].startswith("CUDA size policy: modelled ")
 

@@ -18,7 +18,9 @@ SHAPE = (4096, 4096, 4096)
 
 @pytest.fixture(scope="module")
 def graphs():
-    return {recipe: roofline.lowered_linear_graph(recipe)[0] for recipe in roofline.RECIPES}
+    out = {recipe: roofline.lowered_linear_graph(recipe)[0] for recipe in roofline.RECIPES}
+    out["paper-channels"] = roofline.lowered_linear_graph("paper", overrides={"cuda_compensation": "channels"})[0]
+    return out
 
 
 def _kinds(graph):
@@ -26,44 +28,56 @@ def _kinds(graph):
 
 
 def _predict(graphs, recipe, shape=SHAPE, coverage=1.0):
-    return roofline.predict([recipe], [shape], coverage=coverage, graphs=graphs)[0]
+    """`recipe` may be "paper-channels": paper lowered with cuda_compensation="channels"."""
+    base = recipe.split("-channels")[0]
+    p = roofline.predict([base], [shape], coverage=coverage, graphs={base: graphs[recipe]})[0]
+    p.recipe = recipe
+    return p
 
 
 # Memory passes per quantized linear, fwd + bwd, of the CUDA lowering as it stands:
 #   fp8 / fp4-direct: x amax+codes, W amax+codes, dW cast (3) + the FP8 GEMM op's backward:
 #     two (amax, cast) pairs for the E5M2 gradient operands, two column-major FP8 copies,
 #     the float32 -> bf16 cast of dx (7)                                            = 10
-#   paper: the above + the Triton OCC pass (1) + the channel compensation: forward
-#     counts/top-|C|, R[:, C] hi/lo, dequantized W, the masked sparse rest; backward
-#     the bf16 gradient operand, R[:, C] / x_s, the masked scatter, the dW sum (8)
-#     + the `y + compensation` add (1)                                              = 20
+#   paper (cuda_compensation="fp8_folded", the default): one Triton pass per activation
+#     (OCC + E2M1 + folded E4M3 codes from one read of x), W amax+codes, dW (DGE) cast (3)
+#     + the folded GEMM op's backward: two (amax, cast) pairs, two column-major FP8
+#     copies; dx is written in bf16 by its GEMM (6)                                  = 9
+#   paper-channels (cuda_compensation="channels"): fp8's 10 + the Triton OCC pass (1) +
+#     the channel compensation: forward counts/top-|C|, R[:, C] hi/lo, dequantized W, the
+#     masked sparse rest; backward the bf16 gradient operand, R[:, C] / x_s, the masked
+#     scatter, the dW sum (8) + the `y + compensation` add (1)                       = 20
 # Lower these numbers when a fusion lands.
-PINNED_PASSES = {"fp8": 10, "fp4-direct": 10, "paper": 20}
+PINNED_PASSES = {"fp8": 10, "fp4-direct": 10, "paper": 9, "paper-channels": 20}
 
 
-@pytest.mark.parametrize("recipe", ["fp8", "fp4-direct", "paper"])
+@pytest.mark.parametrize("recipe", ["fp8", "fp4-direct", "paper", "paper-channels"])
 def test_memory_passes_per_quantized_linear_are_pinned(graphs, recipe):
     p = _predict(graphs, recipe)
     listing = roofline.kernel_listing(p)
     assert p.memory_passes() == PINNED_PASSES[recipe], listing
 
 
-@pytest.mark.parametrize("recipe", ["fp8", "fp4-direct", "paper"])
+@pytest.mark.parametrize("recipe", ["fp8", "fp4-direct", "paper", "paper-channels"])
 def test_three_fp8_gemms_and_no_float32_gemm_per_quantized_linear(graphs, recipe):
     kinds = _kinds(graphs[recipe])
-    assert kinds.count("fp8_gemm_op") == 1 and "fp4_gemm_op" not in kinds
+    gemm_op = "folded_fp8_gemm_op" if recipe == "paper" else "fp8_gemm_op"
+    assert kinds.count(gemm_op) == 1 and "fp4_gemm_op" not in kinds
     m, k, n = SHAPE
     gemms = _predict(graphs, recipe).gemms()
     fp8 = [g for g in gemms if g.unit == "fp8"]
     assert len(fp8) == 3 and all(g.flops == 2 * m * n * k for g in fp8)
     assert not [g for g in gemms if g.unit == "fp32"]
-    if recipe == "paper":  # the two channel GEMMs: bf16 hi/lo over 2|C| columns
+    if recipe == "paper-channels":  # the two channel GEMMs: bf16 hi/lo over 2|C| columns
         bf16 = [g for g in gemms if g.unit == "bf16"]
         cap = 128
         assert len(bf16) == 2 and all(g.flops == 2 * m * n * 2 * cap for g in bf16)
         assert kinds.count("channel_compensate_op") == 1 and "compensate_op" not in kinds
-    else:
+    else:  # the folded compensation: no compensation op, no clamp, no gather/scatter
         assert len(gemms) == 3
+        assert not {"channel_compensate_op", "compensate_op", "occ_clamp_op", "triton_occ_clamp_op"} & set(kinds)
+    if recipe == "paper":
+        assert kinds.count("folded_activation_op") == 1 and "quantize_activation_op" not in kinds
 
 
 def test_bf16_baseline_is_three_bf16_gemms_at_the_h200_rate(graphs):
@@ -84,7 +98,7 @@ def test_fp8_activation_pass_bytes_by_hand(graphs):
 
 def test_sparse_rest_of_the_compensation_costs_by_its_share(graphs):
     """The masked sparse kernels always run (static graph); their gathers follow 1 - coverage."""
-    full, half = _predict(graphs, "paper", coverage=1.0), _predict(graphs, "paper", coverage=0.5)
+    full, half = _predict(graphs, "paper-channels", coverage=1.0), _predict(graphs, "paper-channels", coverage=0.5)
     assert half.memory_passes() == full.memory_passes()
     m, k, n = SHAPE
     c = full.kernels and roofline.layer_shape("paper", m, k, n).outliers_per_side

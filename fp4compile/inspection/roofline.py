@@ -23,6 +23,7 @@ compensation's predicted time optimistic; its real cost can only be higher.
     python -m fp4compile.inspection.roofline            # the five standard shapes
     python -m fp4compile.inspection.roofline --json benchmarks/results/roofline_h200.json \
         --markdown benchmarks/results/roofline_h200.md
+    python -m fp4compile.inspection.roofline --compensation channels --coverage 0.435   # the exact channel path
 """
 from __future__ import annotations
 
@@ -184,6 +185,36 @@ def _plan_fp8_gemm(node, s: LayerShape):
     ]
 
 
+def _plan_folded_activation(node, s: LayerShape):
+    # lowering/cuda.py's folded_activation_op on CUDA: one Triton kernel per
+    # activation (triton_kernels.folded_rows). Rows up to 16384 elements are
+    # held in registers: thresholds, clamp, E2M1 quantization and the folded
+    # E4M3 codes from one read of x; writes the codes (1 byte) and the row scale.
+    # Longer rows: thresholds from the two aten top-k passes, then the kernel's
+    # three chunked sweeps, of which only the first is counted as a read from
+    # device memory (the row was just read by the same program: assumed cached).
+    m, k, c = s.m, s.k, s.outliers_per_side
+    kernels = []
+    if k > 16384:
+        kernels += [Kernel("OCC top-k (largest)", node, "fwd", read=m * k * BF16, written=m * (c + 1) * (F32 + I64)),
+                    Kernel("OCC top-k (smallest)", node, "fwd", read=m * k * BF16, written=m * (c + 1) * (F32 + I64))]
+    kernels.append(Kernel("x: OCC + E2M1 + folded E4M3 codes (Triton, one pass)", node, "fwd",
+                          read=m * k * BF16 + (2 * m * F32 if k > 16384 else 0), written=m * k * FP8 + m * F32))
+    return kernels
+
+
+def _plan_folded_fp8_gemm(node, s: LayerShape):
+    # lowering/cuda.py's folded_fp8_gemm_op: fp8_gemm_op's kernels on the folded
+    # codes, except that the input-gradient GEMM writes dx in x's dtype (bf16)
+    # itself, so no float32 -> bf16 pass follows it.
+    m, k, n = s.m, s.k, s.n
+    kernels = [kern for kern in _plan_fp8_gemm(node, s) if kern.name != "dx: float32 -> bf16"]
+    for kern in kernels:
+        if kern.name.startswith("dx = dy8 @ W8"):
+            kern.name, kern.written = "dx = dy8 @ W8 (_scaled_mm, bf16 out)", m * k * BF16
+    return kernels
+
+
 def _plan_fp32_gemm(node, s: LayerShape):
     # fp4_gemm_op as is: float32 GEMMs on grid values (no FP8 tensor cores).
     m, k, n = s.m, s.k, s.n
@@ -270,6 +301,8 @@ def _plans():
         linear_ops.quantize_activation_op: _plan_quantize_activation,
         linear_ops.quantize_weight_op: _plan_quantize_weight,
         cuda.fp8_gemm_op: _plan_fp8_gemm,
+        cuda.folded_activation_op: _plan_folded_activation,
+        cuda.folded_fp8_gemm_op: _plan_folded_fp8_gemm,
         linear_ops.fp4_gemm_op: _plan_fp32_gemm,
         linear_ops.compensate_op: _plan_sparse_compensate,
         cuda_compensation.channel_compensate_op: _plan_channel_compensate,
@@ -352,50 +385,30 @@ def layer_shape(recipe: str, m: int, k: int, n: int, coverage: float = 1.0) -> L
     return shape
 
 
-def predict(recipes=RECIPES, shapes=STANDARD_SHAPES, coverage: float = 1.0, graphs=None) -> list:
-    """One Prediction per (recipe, shape). `graphs` maps recipe -> lowered graph (built if absent)."""
+# How `paper`'s OCC compensation is lowered (Fp4Config.cuda_compensation): the
+# built default folds it into the FP8 activation codes; "channels" is the exact
+# channel-GEMM path.
+COMPENSATIONS = ("fp8_folded", "channels")
+
+
+def predict(recipes=RECIPES, shapes=STANDARD_SHAPES, coverage: float = 1.0, graphs=None,
+            compensation: str = "fp8_folded") -> list:
+    """One Prediction per (recipe, shape). `graphs` maps recipe -> lowered graph (built if absent).
+
+    `compensation`: the `cuda_compensation` the graphs are lowered with; `coverage`
+    matters for "channels" only (the folded path has no channel set).
+    """
+    if compensation not in COMPENSATIONS:
+        raise ValueError(f"compensation={compensation!r}; valid: {', '.join(COMPENSATIONS)}")
     graphs = dict(graphs or {})
     out = []
     for recipe in recipes:
         if recipe not in graphs:
-            graphs[recipe] = lowered_linear_graph(recipe)[0]
+            overrides = {"cuda_compensation": compensation} if recipe != "bf16" else None
+            graphs[recipe] = lowered_linear_graph(recipe, overrides=overrides)[0]
         for m, k, n in shapes:
             shape = layer_shape(recipe, m, k, n, coverage)
             out.append(Prediction(recipe, (m, k, n), kernels_of_graph(graphs[recipe], shape)))
-    return out
-
-
-# Designs the model can price but the lowering does not build (prediction only).
-# "paper-fp8-folded": OCC compensation folded into the FP8 activation operand,
-# x_comp = E4M3(x_q + r / x_s) (docs/cuda.md, "Design, not built").
-DESIGNS = ("paper-fp8-folded",)
-
-
-def predict_fp8_folded(shapes=STANDARD_SHAPES, graph=None) -> list:
-    """`paper` with its compensation folded into the FP8 activation codes: a design, not built.
-
-    The E2M1 grid values x_q are exact in E4M3, so the quantization kernel can
-    write E4M3(x_q + r / x_s) instead of x_q (it already recomputes the clamp
-    from x and the thresholds; the residual r = x - clamp(x) is one more
-    subtraction in registers). The forward and weight-gradient GEMMs then take
-    the compensated activation as their one FP8 operand: the kernels are those
-    of `paper` without the compensation op and its `y + compensation` add
-    (the graph of `paper` with `occ_compensate=False`), and the OCC pass writes
-    only its row thresholds, no sparse residual. Entries with |x| > 448 x_s
-    would saturate E4M3; this prediction assumes none (they would need the
-    sparse path: docs/cuda.md gives their measured frequency).
-    """
-    if graph is None:
-        graph = lowered_linear_graph("paper", overrides={"occ_compensate": False})[0]
-    out = []
-    for m, k, n in shapes:
-        shape = layer_shape("paper", m, k, n)
-        kernels = kernels_of_graph(graph, shape)
-        for kernel in kernels:
-            if kernel.node == "triton_occ_clamp_op":  # thresholds (upper, lower, count) only
-                kernel.name = "OCC thresholds only (design: residual folded into the FP8 codes)"
-                kernel.written = 3 * m * F32
-        out.append(Prediction("paper-fp8-folded", (m, k, n), kernels))
     return out
 
 
@@ -424,7 +437,7 @@ def ratio_table(predictions, rates=H200_RATES) -> list:
     return rows
 
 
-def markdown(rows, coverage: float) -> str:
+def markdown(rows, coverage: float, compensation: str = "fp8_folded") -> str:
     recipes = list(rows[0]["recipes"])
     head = ["M, K, N"] + [f"{r} ms (x BF16)" for r in recipes] + ["paper: GEMM / other ms", "passes fp8 / paper"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -439,8 +452,11 @@ def markdown(rows, coverage: float) -> str:
         cells.append(f"{f['memory_passes']} / {p['memory_passes']}" if p and f else "")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"PREDICTION at H200 rates {json.dumps({k: f'{v:.3g}' for k, v in H200_RATES.items()})}, "
-                 f"channel coverage {coverage:g} (share of OCC residual entries in the |C| channels).")
+    where = ("paper's OCC compensation folded into the E4M3 activation codes (cuda_compensation=fp8_folded)"
+             if compensation == "fp8_folded" else
+             f"paper's OCC compensation on channel GEMMs (cuda_compensation=channels), channel coverage "
+             f"{coverage:g} (share of OCC residual entries in the |C| channels)")
+    lines.append(f"PREDICTION at H200 rates {json.dumps({k: f'{v:.3g}' for k, v in H200_RATES.items()})}; {where}.")
     return "\n".join(lines)
 
 
@@ -455,20 +471,19 @@ def kernel_listing(prediction: Prediction, rates=H200_RATES) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--compensation", choices=COMPENSATIONS, default="fp8_folded",
+                        help="how paper's OCC compensation is lowered (Fp4Config.cuda_compensation; default "
+                             "fp8_folded, the default of the lowering)")
     parser.add_argument("--coverage", type=float, default=1.0,
-                        help="share of OCC residual entries inside the |C| channels (default 1)")
+                        help="with --compensation channels: share of OCC residual entries inside the |C| "
+                             "channels (default 1)")
     parser.add_argument("--kernels", action="store_true", help="also list every kernel of each recipe at 4096^3")
-    parser.add_argument("--designs", action="store_true",
-                        help="add the column of paper-fp8-folded, a design not built (compensation folded "
-                             "into the FP8 activation codes)")
     parser.add_argument("--json", default=None, help="write the predictions as JSON here")
     parser.add_argument("--markdown", default=None, help="write the table as Markdown here")
     args = parser.parse_args(argv)
-    predictions = predict(coverage=args.coverage)
-    if args.designs:
-        predictions += predict_fp8_folded()
+    predictions = predict(coverage=args.coverage, compensation=args.compensation)
     rows = ratio_table(predictions)
-    table = markdown(rows, args.coverage)
+    table = markdown(rows, args.coverage, args.compensation)
     print(table)
     if args.kernels:
         for p in predictions:
@@ -477,15 +492,18 @@ def main(argv=None) -> int:
                 print(kernel_listing(p))
     if args.json:
         payload = {"kind": "PREDICTION (roofline model, not a measurement)", "rates": H200_RATES,
-                   "coverage": args.coverage, "rows": rows,
+                   "compensation": args.compensation, "coverage": args.coverage, "rows": rows,
                    "kernels": [{"recipe": p.recipe, "shape": list(p.shape), "kernels": [asdict(k) for k in p.kernels]}
                                for p in predictions]}
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=1)
     if args.markdown:
         with open(args.markdown, "w") as f:
+            command = "python -m fp4compile.inspection.roofline" + (
+                "" if args.compensation == "fp8_folded" else f" --compensation {args.compensation}") + (
+                f" --coverage {args.coverage:g}" if args.coverage != 1.0 else "")
             f.write("# Roofline prediction: one linear layer fwd+bwd on an H200 (PREDICTION)\n\n"
-                    "`python -m fp4compile.inspection.roofline`\n\n" + table + "\n")
+                    f"`{command}`\n\n" + table + "\n")
     return 0
 
 

@@ -21,10 +21,12 @@ H200 rates, bf16 activations and weights, no bias; the recipes whose lowering
 the roofline covers: both operands quantized with row scales, E5M2 gradients,
 row-scope OCC. For any other config `predicted_ratio` returns None and the
 policy does not apply. For OCC compensation the share of residual entries
-inside the channel set (`coverage`) is data-dependent; the policy uses
-coverage 1, the model's cheapest case, so a site it keeps is slower than BF16
-whatever the data, while a quantized `paper` site can still be slower at
-lower coverage (docs/cuda.md).
+inside the channel set (`coverage`) is data-dependent with
+`cuda_compensation="channels"`; the policy uses coverage 1, the model's
+cheapest case, so a site it keeps is slower than BF16 whatever the data, while
+a quantized site can still be slower at lower coverage (docs/cuda.md). The
+default, `"fp8_folded"`, folds the compensation into the activation codes: its
+cost does not depend on the data.
 """
 from __future__ import annotations
 
@@ -73,20 +75,35 @@ def quantized_kernels(config, m, k, n, coverage: float = 1.0) -> list:
     """
     reads = 1 if k <= 1024 else 2  # Inductor's looped row amax re-reads rows longer than 1024
     dge = config.dge_clamp is not None
-    kernels = [
-        # _plan_quantize_activation, _plan_quantize_weight (forward codes, backward dW cast)
-        _pass(reads * m * k * BF16 + m * k * FP8 + m * F32),
+    folded = (config.occ_alpha is not None and config.occ_compensate
+              and getattr(config, "cuda_compensation", "fp8_folded") == "fp8_folded")
+    if folded:
+        from ..runtime.occ import alpha_fraction, outliers_per_side
+
+        c = outliers_per_side(k, *alpha_fraction(config.occ_alpha))
+        # _plan_folded_activation: one Triton pass (x read once, codes + scale written);
+        # rows over 16384 first take their thresholds from two top-k passes.
+        act = []
+        if k > 16384:
+            act += [_pass(m * k * BF16 + m * (c + 1) * (F32 + I64))] * 2
+        act.append(_pass(m * k * BF16 + (2 * m * F32 if k > 16384 else 0) + m * k * FP8 + m * F32))
+    else:
+        act = [_pass(reads * m * k * BF16 + m * k * FP8 + m * F32)]  # _plan_quantize_activation
+    kernels = act + [
+        # _plan_quantize_weight (forward codes, backward dW cast)
         _pass(reads * n * k * BF16 + n * k * FP8 + n * F32),
         _pass(n * k * F32 + (n * k * BF16 if dge else 0) + n * k * BF16),
         # _plan_fp8_gemm: three FP8 GEMMs, E5M2 amax + cast per gradient operand,
         # column-major copies of both FP8 operands, dx float32 -> bf16
+        # (_plan_folded_fp8_gemm: dx written in bf16 by its GEMM, no cast pass)
         _gemm(m, n, k, FP8, FP8, BF16, "fp8"),
         _pass(m * n * BF16), _pass(m * n * BF16 + m * n * FP8), _pass(2 * n * k * FP8),
-        _gemm(m, k, n, FP8, FP8, F32, "fp8"), _pass(m * k * F32 + m * k * BF16),
+        _gemm(m, k, n, FP8, FP8, BF16 if folded else F32, "fp8"),
+        *([] if folded else [_pass(m * k * F32 + m * k * BF16)]),
         _pass(m * n * BF16), _pass(m * n * BF16 + m * n * FP8), _pass(2 * m * k * FP8),
         _gemm(n, k, m, FP8, FP8, F32, "fp8"),
     ]
-    if config.occ_alpha is None:
+    if config.occ_alpha is None or folded:
         return kernels
     from ..runtime.occ import alpha_fraction, outliers_per_side
     from .cuda_compensation import channel_cap
