@@ -1,20 +1,21 @@
-"""What folding the OCC compensation into the FP8 activation codes would cost numerically (a design, not built).
+"""What folding the OCC compensation into the FP8 activation codes costs numerically.
 
-Why it exists: the roofline model prices a `paper` variant whose compensation
-rides in the forward and weight-gradient FP8 GEMMs' activation operand,
-x_comp = E4M3(x_q + r / x_s) (`fp4compile.inspection.roofline --designs`,
-docs/cuda.md). Non-outlier entries are unchanged (the E2M1 grid values are
-exact in E4M3); outlier entries carry x / x_s at E4M3 precision (3 mantissa
-bits) and saturate where |x| > 448 x_s = 74.7 x the row's clamp threshold
-(x_s = threshold / 6). This measures, on the demo model's activations (the
+Why it exists: the CUDA lowering's default (`Fp4Config.cuda_compensation =
+"fp8_folded"`, docs/cuda.md) rides the compensation in the forward and
+weight-gradient FP8 GEMMs' activation operand, x_comp = E4M3(x_q + r / x_s)
+(`fp4compile.runtime.folded.fold_compensation_e4m3`). Non-outlier entries are
+unchanged (the E2M1 grid values are exact in E4M3); outlier entries carry
+x / x_s at E4M3 precision (3 mantissa bits); a row with |x| > 448 x_s = 74.7 x
+its clamp threshold (x_s = threshold / 6) falls back to a power-of-two larger
+scale (counted here as "fallback rows"). This measures, on the demo model's activations (the
 linear inputs `paper` quantizes, hooked as in benchmarks/outlier_channels.py),
 per distinct activation:
 
 - outliers: residual entries (|x| beyond the row's OCC thresholds), and
-  saturating: those with |x| > 448 x_s;
+  saturating: those with |x| > 448 x_s (their rows fall back to 2**e > 1);
 - SNR (dB) against x of the dequantized activation: clamped only (no
-  compensation), exact compensation (x_q x_s + r), FP8-folded (E4M3(x_q + r /
-  x_s) x_s, saturating at 448);
+  compensation), exact compensation (x_q x_s + r), FP8-folded (codes * scale
+  of `fold_compensation_e4m3`, the lowering's reference);
 - SNR of the compensation term itself (exact r against the folded one).
 
     python benchmarks/fp8_folded_compensation.py --steps 20 --batch 8 --batches 2 \
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from outlier_channels import _quantized_linears, _site_of, measure_init_and_trained  # noqa: E402
 
-from fp4compile.runtime.formats import round_fp8  # noqa: E402
+from fp4compile.runtime.folded import fold_compensation_e4m3  # noqa: E402
 from fp4compile.runtime.occ import occ_split, occ_thresholds  # noqa: E402
 from fp4compile.runtime.quantize import quantize  # noqa: E402
 
@@ -56,11 +57,12 @@ def folded_stats(x: torch.Tensor, num: int, den: int) -> dict:
     outlier = residual != 0
     saturating = outlier & (x.abs() > E4M3_MAX * x_s)
     exact = x_q * x_s + residual
-    folded_codes = round_fp8(x_q + residual / x_s, "e4m3")
-    folded = folded_codes * x_s
+    folded_codes, folded_scale = fold_compensation_e4m3(x_q, x_s, residual)
+    folded = folded_codes * folded_scale
     # The grid values must come through the fold unchanged (E2M1 is a subset of E4M3).
-    assert torch.equal(folded_codes[~outlier], x_q[~outlier])
+    assert torch.equal(folded[~outlier], (x_q * x_s)[~outlier])
     return {"K": x.shape[-1], "M": x.shape[0], "outliers": int(outlier.sum()), "saturating": int(saturating.sum()),
+            "fallback_rows": int((folded_scale > x_s).sum()),
             "max_abs_x_over_x_s": float((x.abs() / x_s).max()),
             "snr_clamped_db": _snr_db(x, x_q * x_s), "snr_exact_db": _snr_db(x, exact),
             "snr_folded_db": _snr_db(x, folded),
@@ -108,6 +110,7 @@ def main(argv=None) -> int:
         outliers = sum(r["outliers"] for r in rs)
         summary[stage] = {
             "activations": len(rs), "outliers": outliers, "saturating": sum(r["saturating"] for r in rs),
+            "fallback_rows": sum(r["fallback_rows"] for r in rs),
             "max_abs_x_over_x_s": max(r["max_abs_x_over_x_s"] for r in rs),
             **{k: sum(r[k] for r in rs) / len(rs) for k in ("snr_clamped_db", "snr_exact_db", "snr_folded_db",
                                                              "snr_compensation_term_db")},
@@ -115,7 +118,7 @@ def main(argv=None) -> int:
         }
         s = summary[stage]
         print(f"{stage}: {s['activations']} activation batches, {outliers} outlier entries, "
-              f"{s['saturating']} saturating (|x| > 448 x_s), max |x|/x_s {s['max_abs_x_over_x_s']:.1f}; "
+              f"{s['saturating']} saturating (|x| > 448 x_s), {s['fallback_rows']} fallback rows, max |x|/x_s {s['max_abs_x_over_x_s']:.1f}; "
               f"mean SNR dB clamped {s['snr_clamped_db']:.2f}, exact {s['snr_exact_db']:.2f}, "
               f"FP8-folded {s['snr_folded_db']:.2f} (min {s['min_snr_folded_db']:.2f}); "
               f"compensation term {s['snr_compensation_term_db']:.2f}")

@@ -6,9 +6,14 @@ found, the tree on PYTHONPATH) and ends in about 8 minutes on one H100/H200:
 
 1. the CUDA tests (`pytest -m cuda` over the CUDA test files);
 2. `benchmarks/linear.py`: the five standard shapes x bf16, fp8, fp4-direct,
-   paper (fwd + bwd), and the quantization kernels' bandwidth against a copy,
-   each measured time printed beside the roofline prediction
-   (`fp4compile.inspection.roofline`);
+   paper (fwd + bwd; paper's OCC compensation folded into the FP8 activation
+   codes, the CUDA lowering's default, and the report says whether the
+   compiled code ran the folded kernel), and the quantization kernels'
+   bandwidth against a copy (the folded activation kernel among them), each
+   measured time printed beside the roofline PREDICTION
+   (`fp4compile.inspection.roofline`); `--channels` adds paper on the exact
+   channel-GEMM path (`paper:channels`), predicted at the coverage of the
+   benchmark's input;
 3. one training step (fwd + bwd + AdamW) of a 360M-parameter Llama, BF16 and
    `paper`, blocks compiled one by one.
 
@@ -34,7 +39,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NO_CUDA_MESSAGE = ("gpu-check: no CUDA GPU on this machine (torch.cuda.is_available() is False); "
                    "run it on a GPU machine, see DEVELOPERS.md")
-CUDA_TEST_FILES = ("tests/test_cuda_path.py", "tests/test_triton_kernels.py")
+CUDA_TEST_FILES = ("tests/test_cuda_path.py", "tests/test_triton_kernels.py", "tests/test_triton_folded.py")
 # The training-step model: 28 blocks of the gpu-350m preset's width, 360M
 # parameters (the gpu-350m preset itself has 309M); dims in this file so the
 # presets stay as they are.
@@ -51,6 +56,8 @@ def parse_args(argv=None):
     parser.add_argument("--train-budget", type=float, default=110, help="seconds for the training step (default 110)")
     parser.add_argument("--iters", type=int, default=20, help="timed steps per linear variant (default 20)")
     parser.add_argument("--skip", default="", help="comma-separated phases to skip: tests, linear, train")
+    parser.add_argument("--channels", action="store_true",
+                        help="also time paper with cuda_compensation='channels' (the exact channel-GEMM path)")
     return parser.parse_args(argv)
 
 
@@ -76,34 +83,40 @@ def run_linear(args) -> dict:
 
     from fp4compile.inspection import roofline
 
-    largs = linear.parse_args(["--iters", str(args.iters), "--warmup", "5",
-                               "--recipes", "fp8,fp4-direct,paper"])
+    recipes = ["fp8", "fp4-direct", "paper"] + (["paper:channels"] if args.channels else [])
+    largs = linear.parse_args(["--iters", str(args.iters), "--warmup", "5", "--recipes", ",".join(recipes)])
     now = time.monotonic()
     measured = linear.run(largs, linear_deadline=now + args.linear_budget,
                           kernel_deadline=now + args.linear_budget + args.kernel_budget)
     shapes = [tuple(s) for s in largs.shapes]
-    predicted = roofline.ratio_table(roofline.predict(shapes=shapes))
-    # The benchmark's activations are Gaussian: their OCC residual is spread over
-    # the channels, so paper is also predicted at the coverage of such an input.
-    coverage = {shape: gaussian_coverage(shape[0], shape[1]) for shape in shapes}
-    at_input = {tuple(r["shape"]): r for shape in shapes
-                for r in roofline.ratio_table(roofline.predict(["bf16", "paper"], [shape], coverage=coverage[shape]))}
+    # PREDICTIONS: paper as built (folded compensation, independent of the data) and,
+    # with --channels, the channel path at the coverage of the benchmark's Gaussian
+    # input (its OCC residual is spread over the channels).
+    predicted = {tuple(r["shape"]): r for r in roofline.ratio_table(roofline.predict(shapes=shapes))}
+    channels = {}
+    if args.channels:
+        for shape in shapes:
+            cov = gaussian_coverage(shape[0], shape[1])
+            (r,) = roofline.ratio_table(roofline.predict(["bf16", "paper"], [shape], coverage=cov,
+                                                         compensation="channels"))
+            channels[shape] = (cov, r["recipes"]["paper"])
     rows = []
-    for pred in predicted:
-        shape = tuple(pred["shape"])
+    for shape in shapes:
         got = measured["linear"].get(shape, {})
         base = got.get("bf16")
         base_ms = base[0] if isinstance(base, tuple) else None
-        for recipe, p in pred["recipes"].items():
-            cell = got.get(recipe)
+        for recipe in ["bf16", *recipes]:
+            if recipe == "paper:channels":
+                cov, p = channels[shape]
+            else:
+                cov, p = None, predicted[shape]["recipes"][recipe]
             row = {"shape": list(shape), "recipe": recipe, "predicted_ms": p["ms"],
                    "predicted_ratio": p["ratio_to_bf16"]}
-            if recipe == "paper":
-                q = at_input[shape]["recipes"]["paper"]
-                row.update(input_coverage=coverage[shape], predicted_ms_at_input_coverage=q["ms"],
-                           predicted_ratio_at_input_coverage=q["ratio_to_bf16"])
+            if cov is not None:
+                row["input_coverage"] = cov
+            cell = got.get(recipe)
             if isinstance(cell, tuple):
-                row.update(measured_ms=cell[0], fp8_gemm=cell[1],
+                row.update(measured_ms=cell[0], fp8_gemm=cell[1], folded_kernel=cell[2],
                            measured_ratio=(base_ms / cell[0]) if base_ms else None)
             else:
                 row["measured"] = cell
@@ -201,16 +214,18 @@ def markdown_report(report: dict) -> str:
     lin = report.get("linear")
     if lin:
         lines += ["## One linear layer fwd+bwd: measured beside the roofline PREDICTION", "",
+                  "paper: OCC compensation folded into the FP8 activation codes (the default); "
+                  "paper:channels: the exact channel-GEMM path, predicted at the input's channel coverage.", "",
                   "| M,K,N | recipe | measured ms | measured x BF16 | predicted ms | predicted x BF16 "
-                  "| predicted at the input's coverage | FP8 GEMM |",
+                  "| FP8 GEMM | folded kernel |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in lin["rows"]:
-            at_input = (f"{r['predicted_ms_at_input_coverage']:.3f} ms ({r['predicted_ratio_at_input_coverage']:.2f}x, "
-                        f"coverage {r['input_coverage']:.3f})" if "input_coverage" in r else "")
+            predicted = _fmt(r["predicted_ratio"], ".2f") + (
+                f" (coverage {r['input_coverage']:.3f})" if "input_coverage" in r else "")
             lines.append("| " + " | ".join([
                 ",".join(map(str, r["shape"])), r["recipe"], _fmt(r.get("measured_ms", r.get("measured"))),
-                _fmt(r.get("measured_ratio"), ".2f"), _fmt(r["predicted_ms"]), _fmt(r["predicted_ratio"], ".2f"),
-                at_input, _fmt(r.get("fp8_gemm"))]) + " |")
+                _fmt(r.get("measured_ratio"), ".2f"), _fmt(r["predicted_ms"]), predicted,
+                _fmt(r.get("fp8_gemm")), _fmt(r.get("folded_kernel"))]) + " |")
         lines += ["", f"Copy bandwidth (torch.clone, read + write): {_fmt(lin['copy_gbs'], '.0f')} GB/s; "
                   "the prediction assumes 4300.", "",
                   "| kernel | operand | ms | GB/s | of copy |", "|---|---|---|---|---|"]

@@ -5,10 +5,14 @@ Two tables, Markdown, from one run on one GPU:
 1. Time per fwd+bwd step of `y = x @ W.T` for each shape (M, K, N): BF16
    compiled with backend="inductor", and recipes fp8, fp4-direct and paper
    compiled with backend="fp4". Median over `--iters` steps after `--warmup`,
-   timed with CUDA events; ratios are to the BF16 time of the same run. The
-   "FP8 GEMM" column says whether the generated code calls `_scaled_mm`
-   (otherwise the recipe runs its GEMMs emulated in float32 and the time
-   says nothing about FP8 tensor cores).
+   timed with CUDA events; ratios are to the BF16 time of the same run. A
+   variant `recipe:compensation` sets `Fp4Config.cuda_compensation`
+   (`paper` is `paper:fp8_folded`, the compensation folded into the FP8
+   activation codes; `paper:channels` the exact channel-GEMM path). A cell
+   is marked `[no FP8 GEMM]` when the generated code calls no `_scaled_mm`
+   (the recipe then runs its GEMMs emulated in float32 and the time says
+   nothing about FP8 tensor cores), and `[folded]` when it runs the folded
+   activation kernel (`_folded_rows_kernel`).
 2. Each Triton quantization kernel (`lowering.triton_kernels`) on the same
    shapes: time, achieved bandwidth (bytes it must move / time) and that as a
    fraction of the copy bandwidth (`torch.clone` of a large tensor), measured
@@ -16,7 +20,7 @@ Two tables, Markdown, from one run on one GPU:
    runtime op compiled by Inductor.
 
     python benchmarks/linear.py                     # CUDA: the five default shapes
-    python benchmarks/linear.py --shapes 4096,4096,4096 --recipes paper
+    python benchmarks/linear.py --shapes 4096,4096,4096 --recipes paper,paper:channels
     python benchmarks/linear.py --device cpu --small    # smoke test on CPU (Triton interpreter)
 
 `benchmarks/gpu_check.py` (`make gpu-check`) calls `run` and prints the roofline
@@ -47,7 +51,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cuda (default) or cpu (needs --small)")
     parser.add_argument("--small", action="store_true", help="tiny shapes and few iterations (smoke test)")
     parser.add_argument("--shapes", default=None, help="semicolon-separated M,K,N triples (default: the five standard shapes)")
-    parser.add_argument("--recipes", default=",".join(DEFAULT_RECIPES), help="comma-separated fp4 recipes")
+    parser.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
+                        help="comma-separated fp4 recipes, each optionally recipe:cuda_compensation "
+                             "(e.g. paper:channels)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps after compilation (default 10; 1 with --small)")
     parser.add_argument("--iters", type=int, default=None, help="timed steps (default 50; 3 with --small)")
     parser.add_argument("--alpha", type=float, default=0.99, help="OCC alpha for the kernel table (default 0.99)")
@@ -143,11 +149,12 @@ def time_linears(args, device, timer, deadline=None):
                 if variant == "bf16":
                     fn = torch.compile(layer, backend="inductor")
                 else:
-                    fn = torch.compile(layer, backend="fp4", options={"recipe": variant, "cuda_size_policy": False})
+                    fn = torch.compile(layer, backend="fp4", options=variant_options(variant))
                 step = linear_step(layer, fn, x, grad_out)
                 _, code = run_and_get_code(step)  # compiles forward and backward
                 uses_fp8 = any("_scaled_mm" in c for c in code)
-                row[variant] = (timer.median_ms(step, args.warmup, args.iters), uses_fp8)
+                folded = any("_folded_rows_kernel" in c for c in code)
+                row[variant] = (timer.median_ms(step, args.warmup, args.iters), uses_fp8, folded)
             except Exception as exc:  # a failing recipe is a result, not the end of the run
                 row[variant] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
             del layer
@@ -156,6 +163,15 @@ def time_linears(args, device, timer, deadline=None):
         results[(m, k, n)] = row
         print(f"  timed {m}x{k}x{n}", file=sys.stderr, flush=True)
     return results
+
+
+def variant_options(variant: str) -> dict:
+    """fp4 backend options of a variant `recipe` or `recipe:cuda_compensation`."""
+    recipe, _, compensation = variant.partition(":")
+    options = {"recipe": recipe, "cuda_size_policy": False}
+    if compensation:
+        options["cuda_compensation"] = compensation
+    return options
 
 
 def kernel_cases(m, k, n, alpha, device):
@@ -178,6 +194,9 @@ def kernel_cases(m, k, n, alpha, device):
     sparse = m * 2 * c * (4 + 8)  # float32 values + int64 index
     mk, nk, mn = m * k, n * k, m * n
     return [
+        # The activation kernel of paper's default CUDA lowering: x read once, 1-byte codes and the row scale.
+        ("folded_rows (OCC + E2M1 + folded E4M3 codes)", f"x {m}x{k}",
+         lambda: tq.folded_rows(x, num, den, values_dtype), 2 * mk + mk + 4 * m),
         ("occ_residual_rows (thresholds + sparse residual)", f"x {m}x{k}",
          lambda: tq.occ_residual_rows(x, num, den), 2 * mk + sparse),
         ("occ_quantize_rows_sparse (fused, fp8 values)", f"x {m}x{k}",
@@ -257,9 +276,9 @@ def format_linear_table(results, recipes) -> str:
         for r in recipes:
             cell = row.get(r)
             if isinstance(cell, tuple):
-                ms, fp8 = cell
+                ms, fp8, folded = cell
                 ratio = f" ({base_ms / ms:.2f}x)" if base_ms else ""
-                cells.append(f"{ms:.3f}{ratio}{'' if fp8 else ' [no FP8 GEMM]'}")
+                cells.append(f"{ms:.3f}{ratio}{'' if fp8 else ' [no FP8 GEMM]'}{' [folded]' if folded else ''}")
             else:
                 cells.append(cell)
         rows.append(cells)
@@ -268,7 +287,7 @@ def format_linear_table(results, recipes) -> str:
 
 
 def run(args, linear_deadline=None, kernel_deadline=None) -> dict:
-    """Both tables as data: {"linear": {shape: {variant: (ms, fp8) | text}}, "copy_gbs", "kernels": rows}.
+    """Both tables as data: {"linear": {shape: {variant: (ms, fp8, folded) | text}}, "copy_gbs", "kernels": rows}.
 
     Prints the tables as it goes (Markdown), as `main` always has.
     """

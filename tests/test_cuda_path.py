@@ -506,8 +506,9 @@ def test_compiled_model_runs_fp8_gemms_and_quantize_kernels(recipe):
     assert len(calls.findall(backward)) == 4, "gradient GEMMs are not all FP8 (_scaled_mm)"
     assert "float8e4nv" in forward or "float8_e4m3fn" in forward, "no E4M3 cast in the forward"
     assert "float8e5" in backward or "float8_e5m2" in backward, "no E5M2 gradient cast in the backward"
-    if recipe == "paper":
-        assert "_occ_rows_kernel" in forward, "the OCC Triton kernel is not in the forward"
+    if recipe == "paper":  # cuda_compensation="fp8_folded" (default): one folded activation kernel
+        assert "_folded_rows_kernel" in forward, "the folded OCC Triton kernel is not in the forward"
+        assert "_occ_rows_kernel" not in forward and "index_add" not in backward
 
     config = Fp4Config.from_recipe(recipe)
     reference = with_reference_linears(copy.deepcopy(model), config)

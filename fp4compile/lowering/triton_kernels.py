@@ -7,10 +7,15 @@ and c-th largest value, and the same at the bottom), which the runtime finds
 with `topk` and Inductor leaves to the aten `topk` kernel (one selection per
 side, then a gather for the sparse residual).
 
-What the compiled model calls: `occ_residual_rows` only. The CUDA lowering
-(`lowering/cuda.py`, `triton_occ_clamp_op`) takes each activation's row
-thresholds and sparse residual from it; the clamp and the quantization are then
-Inductor kernels that re-read x.
+What the compiled model calls: with `cuda_compensation="fp8_folded"` (the
+default), `folded_rows`: per activation row, the OCC thresholds, the clamp,
+the E2M1 row quantization and the compensation folded into E4M3 codes
+(`runtime/folded.py`), x read once for rows up to 16384 elements and swept in
+chunks beyond (`lowering/cuda.py`, `folded_activation_op`). With
+`cuda_compensation="channels"`, `occ_residual_rows`: each activation's row
+thresholds and sparse residual (`triton_occ_clamp_op`); the clamp and the
+quantization are then Inductor kernels that re-read x, and the channel
+compensation uses `sparse_rows_matmul` / `sparse_rows_scatter`.
 
 The other kernels here are built, tested and benchmarked, but not wired into
 the compiled model yet: the fused activation path of SPEC.md sections 2 and 4
