@@ -57,10 +57,29 @@ def test_cuda_lowering_channels_on_cpu_tensors_equals_semantic_graph_float64(mod
         assert torch.allclose(g, g_ref, rtol=1e-9, atol=1e-12)
 
 
+def _lowered_eager_loss_and_grads(model, options, idx):
+    """The fp4 backend's CUDA-lowered graph run by AOTAutograd without Inductor (no C++ compile).
+
+    The lowering is what is under test here; Inductor compiling the folded graph is covered
+    by the float32 `target="cuda"` compile of tests/test_robustness.py.
+    """
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from fp4compile.backend import prepare
+
+    def backend(gm, example_inputs):
+        prepare(gm, example_inputs, options, "fp4", lower=True)
+        keep = lambda g, _inputs: make_boxed_func(g.forward)  # noqa: E731
+        return aot_autograd(fw_compiler=keep, bw_compiler=keep)(gm, example_inputs)
+
+    return _loss_and_grads(model, backend, None, idx)
+
+
 def test_cuda_lowering_folded_on_cpu_tensors_close_to_semantic_graph_float64(model_and_reference):
     model, idx, (ref_loss, ref_grads, _) = model_and_reference
     options = {"recipe": "paper", "target": "cuda", "cuda_size_policy": False}
-    loss, grads, reports = _loss_and_grads(model, "fp4", options, idx)
+    loss, grads, reports = _lowered_eager_loss_and_grads(model, options, idx)
     sites = reports[0].quantized
     assert sites and all("folded into the E4M3 activation codes" in site.lowering for site in sites)
     _, nocomp_grads, _ = _loss_and_grads(model, "fp4_aot_eager", {"recipe": "paper", "occ_compensate": False}, idx)
