@@ -115,3 +115,13 @@ def test_unknown_node_raises():
     graph.output(graph.call_function(torch.sin, (x,)))
     with pytest.raises(ValueError, match="no CUDA plan"):
         roofline.kernels_of_graph(graph, roofline.LayerShape(16, 16, 16))
+
+
+def test_sites_of_another_gemm_op_stay_unlowered_and_say_so():
+    """The CUDA lowering touches only `fp4_gemm_op` sites; the block-scaled FP4-gradient route
+    (`requantized_gemm_op`, recipe nvfp4) keeps its reference ops, and the report names them."""
+    graph, report = roofline.lowered_linear_graph("nvfp4")
+    (site,) = report.quantized
+    assert site.lowering == "cuda: not lowered: its GEMMs run as the reference, emulated (requantized_gemm_op)"
+    kinds = _kinds(graph)
+    assert "requantized_gemm_op" in kinds and not {"fp8_gemm_op", "folded_fp8_gemm_op"} & set(kinds)
