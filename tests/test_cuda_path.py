@@ -289,6 +289,43 @@ def test_folded_lowering_matches_reference_within_the_e4m3_bound_float64(x_shape
     assert ((dw - dw_ref).abs() <= bound_w).all()
 
 
+@pytest.mark.skipif(not _cpu_scaled_mm_available(), reason="this torch build has no CPU torch._scaled_mm")
+@pytest.mark.parametrize("m,k,n", [(48, 128, 32), (30, 256, 64)])  # 30 tokens: unaligned weight-gradient fallback
+def test_folded_fp8_gemms_on_cpu_scaled_mm_equal_their_float64_oracle(m, k, n, monkeypatch):
+    """The folded path with float8 codes through torch's CPU `_scaled_mm` (as on an FP8 GPU).
+
+    Its three products must be those of the codes: y = (codes * scale) @ dequant(W).T,
+    dx = E5M2 gradient GEMM against W (returned in x's dtype), dW = E5M2(dY.T * scale) @ codes
+    (then the gradient scale); float32 outputs, so float32 summation only (rel 1e-5).
+    """
+    from fp4compile.lowering import cuda
+    from fp4compile.runtime.gemm import gradient_gemm as reference_gradient
+
+    gen = torch.Generator().manual_seed(m + k)
+    x = torch.randn(m, k, generator=gen)
+    x[:, :3] *= 40
+    w_q, w_s = quantize(torch.randn(n, k, generator=gen) * 0.05, "row", "e2m1")
+    grad_y = torch.randn(m, n, generator=gen)
+    calls = []
+    scaled_mm = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: calls.append(a[0].dtype) or scaled_mm(*a, **kw))
+    with cuda_gemm.admit_cpu_tensors():
+        codes, scale = cuda.folded_activation_op(x, 99, 100, "row", "e2m1", "row", True)
+        assert codes.dtype == torch.float8_e4m3fn
+        xx = x.clone().requires_grad_()
+        ww = w_q.clone().requires_grad_()
+        y = cuda.folded_fp8_gemm_op(xx, codes, scale, ww, w_s, None, "e5m2", torch.float32)
+        y.backward(grad_y)
+    # Forward (E4M3 codes) and input gradient (E5M2) always; the weight gradient reduces over
+    # the M tokens, so an unaligned M (30) takes the float32 path.
+    assert calls == [torch.float8_e4m3fn, torch.float8_e5m2] + ([torch.float8_e5m2] if m % 16 == 0 else [])
+    c64, s64, w64 = codes.double(), scale.double(), (w_q * w_s).double()
+    assert _rel(y, (c64 * s64) @ w64.t()) < 1e-5
+    assert xx.grad.dtype == x.dtype
+    assert _rel(xx.grad, reference_gradient(grad_y.double(), w_q.double(), w_s.double(), "e5m2")) < 1e-5
+    assert _rel(ww.grad, reference_gradient(grad_y.t().double(), c64, s64, "e5m2")) < 1e-5
+
+
 # ---------------------------------------------------------------------------
 # The channel compensation against the reference compensate_op (CPU).
 # ---------------------------------------------------------------------------
