@@ -603,7 +603,7 @@ def _run_one(
         precision_switch=switch,
     )
     if stats_interval:
-        _write_stats(model, out / name, f"{args.preset}, {spec.label}, seed {cfg.seed}")
+        _write_stats(model, out / name, f"{args.preset}, {spec.display(float32)}, seed {cfg.seed}")
     outcome = RunOutcome(
         recipe=spec.label,
         seed=cfg.seed,
