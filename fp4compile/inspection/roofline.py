@@ -207,7 +207,7 @@ def _plan_folded_fp8_gemm(node, s: LayerShape):
     # lowering/cuda.py's folded_fp8_gemm_op: fp8_gemm_op's kernels on the folded
     # codes, except that the input-gradient GEMM writes dx in x's dtype (bf16)
     # itself, so no float32 -> bf16 pass follows it.
-    m, k, n = s.m, s.k, s.n
+    m, k = s.m, s.k
     kernels = [kern for kern in _plan_fp8_gemm(node, s) if kern.name != "dx: float32 -> bf16"]
     for kern in kernels:
         if kern.name.startswith("dx = dy8 @ W8"):
