@@ -53,7 +53,7 @@ from fp4compile.training.data import load_corpus, split_train_val
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="paper",
-                        help="fp4 recipe: paper, fp4-direct, w4a8, w8a4, fp8, bf16 (default: paper)")
+                        help=f"fp4 recipe: {', '.join(fp4compile.RECIPES)} (default: paper)")
     parser.add_argument("--options", default=None,
                         help="more fp4 options as a JSON object of Fp4Config fields, e.g. "
                              "'{\"keep_first_last\": 1}'; --recipe overrides its \"recipe\"")

@@ -242,7 +242,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--recipes",
         default=",".join(RECIPE_NAMES),
-        help=f"comma-separated recipes (default: all of {','.join(RECIPE_NAMES)})",
+        help=f"comma-separated recipes: the benchmark's {','.join(RECIPE_NAMES)} or any other name in "
+        f"fp4compile.RECIPES ({','.join(r for r in RECIPES if r not in _RECIPE_OPTIONS) or 'none'}) "
+        f"(default: all of {','.join(RECIPE_NAMES)})",
     )
     parser.add_argument("--seeds", type=int, default=1, help="number of seeds per recipe (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="first seed; seeds are SEED..SEED+N-1 (default: 0)")
