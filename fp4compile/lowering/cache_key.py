@@ -52,4 +52,13 @@ def inductor_config_patches(config) -> dict:
     user_pass = inductor_config.post_grad_custom_pre_pass
     if isinstance(user_pass, SourceHashPass):
         user_pass = user_pass.inner
-    return {"post_grad_custom_pre_pass": SourceHashPass(f"{source_hash()}:{config!r}", user_pass)}
+    patches = {"post_grad_custom_pre_pass": SourceHashPass(f"{source_hash()}:{config!r}", user_pass)}
+    if config.requantizes_weight_gradient:
+        # The NVFP4/MXFP4 backward block-quantizes dY along N (input gradient) and
+        # dY^T along M (weight gradient): two same-size loops over dY that the C++
+        # backend fuses horizontally, and then its loop split asserts on their
+        # different shapes (torch 2.13: `AssertionError: ({y0: 512, y1: 4, y2: 16},
+        # {y0: 64, y1: 32, y2: 16})` in `try_loop_split`; a Hadamard transform on
+        # dY^T hides it behind a GEMM). No horizontal fusion for these graphs.
+        patches["cpp.max_horizontal_fusion_size"] = 0
+    return patches

@@ -135,8 +135,10 @@ def requantized_weight_gradient(g, x_hp, grad_spec, act_spec, hadamard_signs):
     act_fmt, act_granularity = act_spec
     multiple = max(len(hadamard_signs) if hadamard_signs else 1, _block_length(grad_spec[1]),
                    _block_length(act_granularity))
-    g_t = _pad_last(g.t().to(x_hp.dtype), multiple)  # [N, M']
-    x_t = _pad_last(x_hp.t(), multiple)  # [K, M']
+    # Contiguous copies along the tokens: the block reshapes that follow then read
+    # rows, and Inductor tiles them without tripping over a transposed view.
+    g_t = _pad_last(g.t().to(x_hp.dtype), multiple).contiguous()  # [N, M']
+    x_t = _pad_last(x_hp.t(), multiple).contiguous()  # [K, M']
     if hadamard_signs:
         g_t = random_hadamard_transform(g_t, hadamard_signs, dim=-1)
         x_t = random_hadamard_transform(x_t, hadamard_signs, dim=-1)

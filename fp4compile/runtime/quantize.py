@@ -18,7 +18,6 @@ from .formats import (
     is_nan,
     round_fp8,
     round_to_format,
-    stochastic_round,
 )
 
 GRANULARITIES = ("row", "tensor", "block32", "block16", "block16x16")
@@ -192,6 +191,20 @@ def quantize(
     return values.reshape(x_hp.shape), scale
 
 
+def _round_up_e4m3(t: torch.Tensor) -> torch.Tensor:
+    """The smallest E4M3 value >= t, for t in [0, 448] (NaN stays NaN).
+
+    Round to nearest, then step one code up where that went down: for a
+    non-negative E4M3 value the next code's bits are its own plus one (the
+    format is sign-magnitude with the exponent above the mantissa). A bit
+    increment rather than frexp arithmetic, which Inductor cannot fuse.
+    """
+    nearest = round_fp8(t, "e4m3")
+    codes = nearest.to(torch.float8_e4m3fn).view(torch.uint8)
+    above = (codes + 1).view(torch.float8_e4m3fn).to(t.dtype)
+    return torch.where(nearest < t, above, nearest)
+
+
 def _nvfp4_two_level(blocks: torch.Tensor, amax: torch.Tensor, fmt: str, rounding: str, noise):
     """NVFP4's two-level scaling of `blocks` whose per-block amax (kept dims) is `amax`.
 
@@ -209,7 +222,7 @@ def _nvfp4_two_level(blocks: torch.Tensor, amax: torch.Tensor, fmt: str, roundin
         # Round the block scale UP to E4M3 (a stochastic rounding with zero noise
         # goes up from anything off the grid): the block max then stays within
         # the format max, and unbiased rounding is not undone by saturation.
-        block_scale_e4m3 = stochastic_round(block_scale_hp.clamp(max=448.0), "e4m3", torch.zeros_like(amax))
+        block_scale_e4m3 = _round_up_e4m3(block_scale_hp)
     else:
         block_scale_e4m3 = round_fp8(block_scale_hp, "e4m3")
     scale = block_scale_e4m3 * tensor_scale
