@@ -222,7 +222,8 @@ def _nvfp4_two_level(blocks: torch.Tensor, amax: torch.Tensor, fmt: str, roundin
         # Round the block scale UP to E4M3 (a stochastic rounding with zero noise
         # goes up from anything off the grid): the block max then stays within
         # the format max, and unbiased rounding is not undone by saturation.
-        block_scale_e4m3 = _round_up_e4m3(block_scale_hp)
+        # The largest block's ratio is 448 up to float rounding: clamp it there.
+        block_scale_e4m3 = _round_up_e4m3(block_scale_hp.clamp(max=448.0))
     else:
         block_scale_e4m3 = round_fp8(block_scale_hp, "e4m3")
     scale = block_scale_e4m3 * tensor_scale
