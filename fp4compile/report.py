@@ -152,12 +152,15 @@ def reports() -> list[GraphReport]:
 
 
 def reset() -> None:
-    """Clear the reports, the telemetry records and dynamo's compiled-code caches (torch.compiler.reset())."""
+    """Clear the reports, the telemetry records, the precision-switch events and dynamo's
+    compiled-code caches (torch.compiler.reset())."""
     import torch
 
+    from .precision_switch import clear_switch_events
     from .runtime import stats as telemetry
 
     with _lock:
         _reports.clear()
     telemetry.clear()
+    clear_switch_events()
     torch.compiler.reset()

@@ -33,6 +33,7 @@ import torch.fx as fx
 from ..report import describe_gradient, format_table
 from ..lowering import cpu as lowering_cpu
 from ..lowering import cuda as lowering_cuda
+from ..lowering import cuda_compensation as lowering_cuda_compensation
 from ..runtime import linear_ops
 
 DUMP_DIR_ENV = "FP4COMPILE_DUMP_DIR"
@@ -50,7 +51,11 @@ INSERTED_KINDS.update({
     lowering_cpu.compensated_activation_op: "quantize",
     lowering_cuda.fp8_gemm_op: "fp4_gemm",
     lowering_cuda.triton_occ_clamp_op: "occ_clamp",
+    lowering_cuda.folded_activation_op: "quantize",
+    lowering_cuda.folded_fp8_gemm_op: "fp4_gemm",
+    lowering_cuda_compensation.channel_compensate_op: "compensate",
 })
+INSERTED_KINDS[linear_ops.requantized_gemm_op] = "fp4_gemm"
 
 
 def describe_formats(config) -> str:
