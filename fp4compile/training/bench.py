@@ -104,6 +104,8 @@ _RECIPE_OPTIONS: dict[str, dict] = {
     "w8a4-no-occ": {"recipe": "w8a4", "occ_alpha": None},
     # The paper method with one scale per tensor instead of per row/channel.
     "paper-tensorwise": {"recipe": "paper", "weight_granularity": "tensor", "act_granularity": "tensor"},
+    # NVFP4 with round-to-nearest gradients: what stochastic rounding buys (not in the default list).
+    "nvfp4-nearest": {"recipe": "nvfp4", "grad_rounding": "nearest"},
 }
 
 # Stock torch.compile backends take no options; with them the benchmark only
@@ -157,7 +159,8 @@ def recipe_options(name: str) -> dict:
         return dict(_RECIPE_OPTIONS[name])
     if name in RECIPES:
         return {"recipe": name}
-    known = list(RECIPE_NAMES) + [r for r in RECIPES if r not in _RECIPE_OPTIONS]
+    known = (list(RECIPE_NAMES) + [r for r in _RECIPE_OPTIONS if r not in RECIPE_NAMES]
+             + [r for r in RECIPES if r not in _RECIPE_OPTIONS])
     raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(known)}")
 
 
