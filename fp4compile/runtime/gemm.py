@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .hadamard import random_hadamard_transform
 from .quantize import quantize, quantize_gradient
 
 
@@ -130,8 +131,6 @@ def requantized_weight_gradient(g, x_hp, grad_spec, act_spec, hadamard_signs):
     Stochastic rounding draws happen after the input gradient's (a fixed order,
     so a seeded run reproduces).
     """
-    from .hadamard import random_hadamard_transform  # noqa: PLC0415 - runtime-local, keeps import light
-
     act_fmt, act_granularity = act_spec
     multiple = max(len(hadamard_signs) if hadamard_signs else 1, _block_length(grad_spec[1]),
                    _block_length(act_granularity))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .dge import dge_grad_scale
+from .hadamard import rht_signs
 from .gemm import (forward_gemm, gradient_gemm, gradient_operand, requantized_input_gradient,
                    requantized_weight_gradient)
 from .occ import occ_split, occ_thresholds
@@ -259,8 +260,6 @@ def requantized_gemm_specs(config) -> tuple:
     the same vector for every layer and step, so the seed in the config
     reproduces it and no buffer is added to the model.
     """
-    from .hadamard import rht_signs  # noqa: PLC0415
-
     signs = rht_signs(config.hadamard, config.hadamard_seed) if config.hadamard else None
     return ((config.grad_fmt, config.grad_granularity, config.grad_rounding),
             (config.act_fmt, config.act_granularity), signs)

@@ -410,29 +410,31 @@ def _spec_config(cfg: TrainConfig, spec: RunSpec, min_lr: float | None) -> Train
     return replace(cfg, lr=spec.lr, min_lr=min_lr if min_lr is not None else spec.lr / 10)
 
 
+def _in_steps(tokens, steps_flag, tokens_name: str, steps_name: str, tokens_per_step: int):
+    """A token count given on the command line as whole steps (ceil: at least the tokens asked
+    for), or None when it was not given. The step flag and the token flag exclude each other."""
+    if tokens is None:
+        return None
+    if steps_flag is not None:
+        raise ValueError(f"{steps_name} and {tokens_name} exclude each other")
+    if tokens < 1:
+        raise ValueError(f"{tokens_name} must be positive, got {tokens}")
+    return -(-tokens // tokens_per_step)
+
+
 def _training_config(
     args: argparse.Namespace, defaults: PresetTraining, seed: int, device: torch.device
 ) -> TrainConfig:
     batch_size = args.batch_size if args.batch_size is not None else defaults.batch_size
     seq_len = args.seq_len if args.seq_len is not None else defaults.seq_len
     tokens_per_step = batch_size * seq_len
-    tokens = getattr(args, "tokens", None)
-    if tokens is not None:
-        if args.steps is not None:
-            raise ValueError("--steps and --tokens exclude each other")
-        if tokens < 1:
-            raise ValueError(f"--tokens must be positive, got {tokens}")
-    steps = args.steps if args.steps is not None else defaults.steps
-    if tokens is not None:
-        steps = -(-tokens // tokens_per_step)  # ceil: at least the tokens asked for
-    eval_every = args.eval_every if args.eval_every is not None else max(1, steps // 12)
-    eval_tokens = getattr(args, "eval_every_tokens", None)
-    if eval_tokens is not None:
-        if args.eval_every is not None:
-            raise ValueError("--eval-every and --eval-every-tokens exclude each other")
-        if eval_tokens < 1:
-            raise ValueError(f"--eval-every-tokens must be positive, got {eval_tokens}")
-        eval_every = -(-eval_tokens // tokens_per_step)
+    steps = _in_steps(getattr(args, "tokens", None), args.steps, "--tokens", "--steps", tokens_per_step)
+    if steps is None:
+        steps = args.steps if args.steps is not None else defaults.steps
+    eval_every = _in_steps(getattr(args, "eval_every_tokens", None), args.eval_every, "--eval-every-tokens",
+                           "--eval-every", tokens_per_step)
+    if eval_every is None:
+        eval_every = args.eval_every if args.eval_every is not None else max(1, steps // 12)
     lr = args.lr if args.lr is not None else defaults.lr
     dtype = args.dtype
     if dtype == "auto":
