@@ -12,8 +12,12 @@ browser:
 demo: setup
 	$(PYTHON) -m fp4compile demo
 
+# Test files run in parallel, one worker per core up to 4 (tests/conftest.py
+# shares the cores among them); TEST_WORKERS=1 runs them one after another.
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))" 2>/dev/null || echo 1)
+
 test: setup browser
-	$(PYTHON) -m pytest -q -rs
+	$(PYTHON) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile
 
 # The prepared check of the CUDA path on a GPU machine (DEVELOPERS.md); needs no setup.
 gpu-check:
