@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fp4compile  # noqa: E402  (registers the fp4 backends)
 from fp4compile.training.models.llama import Llama, preset  # noqa: E402
+from tests.code_markers import occ_thresholds_in_code  # noqa: E402
 
 STEPS = 4
 GLOBAL_BATCH = 4  # sequences, split evenly across the ranks
@@ -121,7 +122,7 @@ def check_product_backend(tag: str, backend: str, code: list[str]) -> dict:
 
     `code` is Inductor's generated Python for every graph compiled during the
     run (`run_and_get_code`). A compile that silently fell back to the plain
-    model would have no OCC top-k and no E5M2 cast in it.
+    model would have no OCC thresholds and no E5M2 cast in it.
     """
     if backend != "fp4":
         return {}
@@ -131,11 +132,11 @@ def check_product_backend(tag: str, backend: str, code: list[str]) -> dict:
     found = {
         "modules": len(code),
         "lowerings": lowerings,
-        "occ_topk": any("topk" in text for text in code),
+        "occ_thresholds": any(occ_thresholds_in_code(text) for text in code),
         "e5m2_cast": any("Float8_e5m2" in text for text in code),
     }
     assert lowerings == [LOWERING_NAME], f"[{tag}] sites lowered as {lowerings}"
-    assert found["occ_topk"] and found["e5m2_cast"], f"[{tag}] generated code lacks the quantization: {found}"
+    assert found["occ_thresholds"] and found["e5m2_cast"], f"[{tag}] generated code lacks the quantization: {found}"
     return found
 
 

@@ -19,7 +19,7 @@ Two distributed jobs run, both in float64:
   LLaMA cut to one block (the smallest model with all seven kinds of block
   linear), one DDP bucket (one graph, one Inductor compile per rank). Each rank
   asserts that the CPU lowering ran on every quantized site and that Inductor's
-  generated code holds the OCC top-k and the E5M2 gradient casts, so a silent
+  generated code holds the OCC thresholds and the E5M2 gradient casts, so a silent
   fallback to high precision fails. Its one-process reference is the semantic
   graph (fp4_aot_eager) on the same model and batch: the lowering equals it to
   float64 rounding (tests/test_lowering_cpu.py; over these 4 steps the one-process
@@ -186,7 +186,7 @@ def _check_product_backend(out: Path, config: str, mode: str):
         result = json.loads((out / config / f"dist_rank{rank}.json").read_text())[mode]
         assert result["inductor"]["modules"] >= 2, result["inductor"]  # a forward and a backward at least
         assert result["inductor"]["lowerings"] == [LOWERING_NAME]
-        assert result["inductor"]["occ_topk"] and result["inductor"]["e5m2_cast"]
+        assert result["inductor"]["occ_thresholds"] and result["inductor"]["e5m2_cast"]
 
 
 @pytest.mark.slow

@@ -14,7 +14,9 @@ scaled domain), feeds the unchanged `fp4_gemm_op` for the forward and the weight
 gradient; the input gradient is unchanged. Block scales (along K) merge the same
 way on the dequantized values, `x_q * x_s + r`, with a unit scale. The residual
 is the dense `x - x_c`, which Inductor computes inside the kernel that clamps
-and quantizes, so no index tensor is ever built.
+and quantizes, so no index tensor is ever built. The clamp thresholds come from
+`cpu_thresholds` (the same values as the runtime's top-k, by selection where
+rows are narrow enough for that to be cheaper).
 
 The merge reorders float32 sums and rounds `r / x_s` once: the lowered graph
 matches the semantic one (`fp4_aot_eager`) to float32 rounding, and exactly in
@@ -31,8 +33,9 @@ import torch.fx as fx
 
 from ..runtime.gemm import is_vector_scale
 from ..runtime.linear_ops import fp4_gemm_op
-from ..runtime.occ import occ_split, occ_thresholds
+from ..runtime.occ import occ_split
 from ..runtime.quantize import compute_dtype, quantize
+from .cpu_thresholds import cpu_occ_thresholds
 
 LOWERING_NAME = "cpu: one GEMM per product on the compensated activation"
 
@@ -43,7 +46,7 @@ class _CompensatedActivation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha_num, alpha_den, scope, fmt, granularity):
         x_hp = x.to(compute_dtype(x.dtype))
-        upper, lower = occ_thresholds(x_hp, alpha_num, alpha_den, scope)
+        upper, lower = cpu_occ_thresholds(x_hp, alpha_num, alpha_den, scope)
         clamped, residual = occ_split(x_hp, upper, lower)
         x_q, x_s = quantize(clamped, granularity=granularity, fmt=fmt)
         if is_vector_scale(x_s):
