@@ -133,3 +133,21 @@ def test_inductor_code_selects_without_topk_and_equals_the_reference():
                                equal_nan=True)
     fresh = torch.randn(96, 704, generator=generator)  # same shape: the same compiled code
     assert torch.equal(compiled(fresh), torch.cat(occ_thresholds(fresh, num, den, "row"), dim=-1))
+
+
+def test_benchmark_script_checks_equality_and_writes_its_table(tmp_path):
+    """`benchmarks/occ_thresholds.py`: runs, checks both forms agree, and records the lowering's choice."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "occ_thresholds.py"
+    spec = importlib.util.spec_from_file_location("occ_thresholds_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "occ.json"
+    assert module.main(["--rows", "8", "--widths", "16,2000", "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["width"] for r in result["rows"]] == [16, 2000]
+    assert [r["lowering_selects"] for r in result["rows"]] == [True, False]
+    assert all(r["topk_ms"] > 0 and r["selection_ms"] > 0 for r in result["rows"])

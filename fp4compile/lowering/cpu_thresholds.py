@@ -22,12 +22,14 @@ as `topk` orders it (above every number, on both sides), so the thresholds and
 everything downstream are unchanged.
 
 Cost: c + 1 passes per side over a row that stays in cache, against ATen's
-top-k. Measured on this project's CPU machine (1024 rows, one thread, both
-thresholds, Inductor-compiled): 1.0 ms against 2.4 ms at n = 256, 3.2 against
-5.7 at n = 384, 5.1 against 7.8 at n = 704, and no gain from c + 1 = 11 on
-(17.6 against 16.8 ms at n = 1024). Hence the selection for at most
-`MAX_SELECTED` values per side; wider rows, and the per-tensor scope (c of the
-order of the tensor size), keep the top-k.
+top-k; the selection's cost grows with c + 1, the top-k's barely.
+`benchmarks/occ_thresholds.py` times both (1024 rows, one thread, Inductor-
+compiled; benchmarks/results/occ_thresholds_cpu.json, BENCHMARKS.md): the
+selection was 2.7x faster at c + 1 = 4 (rows of 256), 1.5x at 9 (704), 1.2x
+at 12 (1024) and 0.84x at 17 (1536). Each level also adds code for Inductor to
+generate and compile, so the cut-off, `MAX_SELECTED` values per side, stops
+short of the break-even; wider rows, and the per-tensor scope (c of the order
+of the tensor size), keep the top-k.
 """
 from __future__ import annotations
 
@@ -35,8 +37,9 @@ import torch
 
 from ..runtime.occ import _interpolate, occ_thresholds, outliers_per_side
 
-# The largest c + 1 (values per side) for which the selection beats ATen's top-k
-# on CPU (see the module docstring for the measurements).
+# The largest c + 1 (values per side) computed by selection: below the measured
+# break-even with ATen's top-k (between 12 and 17), with a margin for the compile
+# time that every level adds (see the module docstring).
 MAX_SELECTED = 10
 
 
@@ -88,9 +91,14 @@ def largest_with_multiplicity(x: torch.Tensor, k: int, nan_first: bool) -> tuple
 
 def cpu_occ_thresholds(x: torch.Tensor, alpha_num: int, alpha_den: int, scope: str = "row"):
     """`runtime.occ.occ_thresholds(x, ...)`, the same values, by selection where that is cheaper on CPU."""
-    n = x.shape[-1]
-    if not uses_selection(n, alpha_num, alpha_den, scope):
+    if not uses_selection(x.shape[-1], alpha_num, alpha_den, scope):
         return occ_thresholds(x, alpha_num, alpha_den, scope)
+    return selection_thresholds(x, alpha_num, alpha_den)
+
+
+def selection_thresholds(x: torch.Tensor, alpha_num: int, alpha_den: int):
+    """Row thresholds by selection, whatever the row width (rows of a static width `x.shape[-1]`)."""
+    n = x.shape[-1]
     c = outliers_per_side(n, alpha_num, alpha_den)
     frac_num = (alpha_num * (n - 1)) % alpha_den
     top_outer, top_inner = largest_with_multiplicity(x, c + 1, nan_first=True)
