@@ -5,7 +5,7 @@ reference products (no FP8 tensor cores here, and the report says so).
 
 - `cuda_compensation="channels"`: the OCC clamp becomes the Triton-threshold op
   (the reference forward off CUDA) and the compensation the channel-GEMM op,
-  which computes the reference's sums in another order: the compiled model
+  which computes the reference's sums in another order: the lowered model
   must equal the semantic graph in float64.
 - `cuda_compensation="fp8_folded"` (default): each activation's clamp,
   quantize and compensation become one folded-activation op (E4M3 codes of
@@ -47,7 +47,7 @@ def model_and_reference():
 def test_cuda_lowering_channels_on_cpu_tensors_equals_semantic_graph_float64(model_and_reference):
     model, idx, (ref_loss, ref_grads, _) = model_and_reference
     options = {"recipe": "paper", "target": "cuda", "cuda_size_policy": False, "cuda_compensation": "channels"}
-    loss, grads, reports = _loss_and_grads(model, "fp4", options, idx)
+    loss, grads, reports = _lowered_eager_loss_and_grads(model, options, idx)
     sites = reports[0].quantized
     assert sites and all(site.lowering.startswith("cuda: float32 GEMMs") for site in sites)
     assert all("Triton OCC thresholds" in site.lowering for site in sites)
@@ -60,8 +60,9 @@ def test_cuda_lowering_channels_on_cpu_tensors_equals_semantic_graph_float64(mod
 def _lowered_eager_loss_and_grads(model, options, idx):
     """The fp4 backend's CUDA-lowered graph run by AOTAutograd without Inductor (no C++ compile).
 
-    The lowering is what is under test here; Inductor compiling the folded graph is covered
-    by the float32 `target="cuda"` compile of tests/test_robustness.py.
+    The lowering is what is under test here, for both compensations; Inductor compiling the
+    folded graph is covered by the float32 `target="cuda"` compile of tests/test_robustness.py,
+    and both compensations through Inductor on a GPU by tests/test_cuda_path.py.
     """
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
