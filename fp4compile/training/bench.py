@@ -1018,9 +1018,11 @@ def plot_gap_curves(outcomes: list[RunOutcome], recipes: list[str], baselines: d
     names = names or {}
     by_run = {(o.recipe, o.seed): o for o in outcomes if o.error is None}
     figure, axes = plt.subplots(figsize=(9, 5))
-    colors = plt.get_cmap("tab10")
+    # One colour per curve, in plotting order: tab10 up to 10 curves, tab20 beyond (an lr sweep).
+    curves = sum(1 for label in recipes if label != baselines.get(label, BASELINE_RECIPE))
+    colors = plt.get_cmap("tab10" if curves <= 10 else "tab20")
     plotted = []
-    for index, label in enumerate(recipes):
+    for label in recipes:
         baseline = baselines.get(label, BASELINE_RECIPE)
         if label == baseline:
             continue
@@ -1037,7 +1039,7 @@ def plot_gap_curves(outcomes: list[RunOutcome], recipes: list[str], baselines: d
         steps = sorted(set.intersection(*(set(gaps) for gaps in per_seed)))
         if not steps:
             continue
-        color = colors(index % 10)
+        color = colors(len(plotted) % colors.N)
         mean = [statistics.fmean(gaps[step] for gaps in per_seed) for step in steps]
         axes.plot(steps, mean, color=color, marker="o", markersize=3,
                   label=f"{names.get(label, label)} ({len(per_seed)} seed{'s' if len(per_seed) > 1 else ''})")
