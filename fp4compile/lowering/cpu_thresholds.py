@@ -50,27 +50,29 @@ def uses_selection(n, alpha_num: int, alpha_den: int, scope: str) -> bool:
     return outliers_per_side(n, alpha_num, alpha_den) + 1 <= MAX_SELECTED
 
 
-def largest_with_multiplicity(x: torch.Tensor, k: int, nan_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def largest_with_multiplicity(x: torch.Tensor, k: int, nan_first: bool,
+                              nan_count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(k-1)-th and k-th largest values along the last dim, counted with multiplicity, [..., 1] each.
 
     NaN is ordered as `topk` orders it: above every number for the top side
     (`nan_first=True`; m NaNs in a row take the first m places) and, for the
     bottom side taken on -x, below every number (`nan_first=False`: a NaN is
     selected only when the row has fewer than k numbers). For k = 1 the first
-    value is the k-th itself (what `_interpolate` uses for c = 0).
+    value is the k-th itself (what `_interpolate` uses for c = 0). `nan_count`:
+    the NaNs per row, [..., 1], when the caller already has it (both sides share it).
     """
     minus_inf = torch.full((), float("-inf"), dtype=x.dtype, device=x.device)
     nan = torch.full((), float("nan"), dtype=x.dtype, device=x.device)
     is_nan = x != x
-    # Float counts: exact for rows of up to 2^24 values, and they vectorize better than int64 ones.
-    nan_count = is_nan.to(x.dtype).sum(dim=-1, keepdim=True)
+    if nan_count is None:
+        nan_count = row_nan_count(x)
     numbers = torch.where(is_nan, minus_inf, x)  # NaN out of the max reductions
     level = numbers.amax(dim=-1, keepdim=True)
     kth = previous = None
     for i in range(k):
         if i:
             level = torch.where(numbers < level, numbers, minus_inf).amax(dim=-1, keepdim=True)
-        count = (x >= level).to(x.dtype).sum(dim=-1, keepdim=True)  # NaN compares false: numbers only
+        count = (x >= level).to(x.dtype).sum(dim=-1, keepdim=True)  # NaN compares false: numbers only (float, exact)
         if nan_first:
             count = count + nan_count
         kth_candidate = torch.where(count >= k, level, minus_inf)
@@ -89,6 +91,12 @@ def largest_with_multiplicity(x: torch.Tensor, k: int, nan_first: bool) -> tuple
     return previous, kth
 
 
+def row_nan_count(x: torch.Tensor) -> torch.Tensor:
+    """NaNs per row, [..., 1], as a float count: exact for rows of up to 2^24 values, and a float
+    reduction vectorizes better than an int64 one (the selection's counts are floats too)."""
+    return (x != x).to(x.dtype).sum(dim=-1, keepdim=True)
+
+
 def cpu_occ_thresholds(x: torch.Tensor, alpha_num: int, alpha_den: int, scope: str = "row"):
     """`runtime.occ.occ_thresholds(x, ...)`, the same values, by selection where that is cheaper on CPU."""
     if not uses_selection(x.shape[-1], alpha_num, alpha_den, scope):
@@ -101,9 +109,10 @@ def selection_thresholds(x: torch.Tensor, alpha_num: int, alpha_den: int):
     n = x.shape[-1]
     c = outliers_per_side(n, alpha_num, alpha_den)
     frac_num = (alpha_num * (n - 1)) % alpha_den
-    top_outer, top_inner = largest_with_multiplicity(x, c + 1, nan_first=True)
+    nan_count = row_nan_count(x)
+    top_outer, top_inner = largest_with_multiplicity(x, c + 1, nan_first=True, nan_count=nan_count)
     # The lower side on -x: negation is exact, and -max(-x) is min(x).
-    bottom_outer, bottom_inner = largest_with_multiplicity(-x, c + 1, nan_first=False)
+    bottom_outer, bottom_inner = largest_with_multiplicity(-x, c + 1, nan_first=False, nan_count=nan_count)
     top = torch.cat([top_outer, top_inner], dim=-1)  # sorted outward, as topk returns them
     bottom = -torch.cat([bottom_outer, bottom_inner], dim=-1)
     upper = _interpolate(top, 1, frac_num, alpha_den).clamp(min=0)
