@@ -59,10 +59,20 @@ def test_preset_param_counts_and_alignment(name):
 def test_preset_sizes():
     counts = {name: param_count(meta_model(config)) for name, config in PRESETS.items()}
     assert 1e6 < counts["cpu"] < 10e6
-    assert counts["cpu"] < counts["cpu-large"] < counts["gpu-125m"] < counts["gpu-350m"] < counts["gpu-1b"]
+    assert counts["cpu-small"] < counts["cpu"] < counts["cpu-large"] < counts["gpu-125m"] < counts["gpu-350m"] < counts["gpu-1b"]
     assert 0.9e9 < counts["gpu-1b"] < 1.5e9
     with pytest.raises(ValueError, match="unknown preset"):
         preset("gpu-70b")
+
+
+def test_cpu_small_default_length_is_compute_optimal():
+    """The cpu-small preset's default run is the 20-tokens-per-parameter point of the training benchmark."""
+    from fp4compile.training.bench import PRESET_TRAINING
+
+    defaults = PRESET_TRAINING["cpu-small"]
+    tokens = defaults.steps * defaults.batch_size * defaults.seq_len
+    tokens_per_param = tokens / param_count(meta_model(preset("cpu-small")))
+    assert 19.5 <= tokens_per_param <= 20.5, tokens_per_param
 
 
 def test_module_names_are_the_ones_the_passes_match():

@@ -81,6 +81,9 @@ class LlamaConfig:
 PRESETS: dict[str, LlamaConfig] = {
     # Unit tests: compiles and runs a step in well under a second on a CPU.
     "tiny": LlamaConfig(dim=64, n_layers=2, n_heads=4, ffn_dim=128, max_seq_len=64),
+    # About 0.87M parameters: small enough to train to about 20 tokens per
+    # parameter (the compute-optimal ratio) on two CPU cores.
+    "cpu-small": LlamaConfig(dim=128, n_layers=4, n_heads=4, ffn_dim=352, max_seq_len=128),
     # Default CPU benchmark model, about 3.3M parameters.
     "cpu": LlamaConfig(dim=256, n_layers=4, n_heads=4, ffn_dim=704, max_seq_len=128),
     # A larger CPU model (about 10.8M parameters) for longer runs.
