@@ -106,7 +106,17 @@ _RECIPE_OPTIONS: dict[str, dict] = {
     "paper-tensorwise": {"recipe": "paper", "weight_granularity": "tensor", "act_granularity": "tensor"},
     # NVFP4 with round-to-nearest gradients: what stochastic rounding buys (not in the default list).
     "nvfp4-nearest": {"recipe": "nvfp4", "grad_rounding": "nearest"},
+    # Controls for what DGE does (not in the default list). The paper method with the
+    # straight-through estimator instead of DGE:
+    "paper-ste": {"recipe": "paper", "dge_clamp": None},
+    # The unquantized baseline with only DGE's gradient factor on the weights `paper`
+    # quantizes (fp4compile.training.dge_only; the factor is applied outside the compiler).
+    "dge-only": {"recipe": "bf16"},
 }
+
+# Benchmark recipes that multiply weight gradients by the DGE factor of this recipe's
+# weight quantizer, without quantizing anything (fp4compile.training.dge_only).
+DGE_ONLY_RECIPES = {"dge-only": "paper"}
 
 # Stock torch.compile backends take no options; with them the benchmark only
 # exercises its own plumbing (every recipe then trains identically).
@@ -215,7 +225,7 @@ def float32_name(dtype: str, device: torch.device) -> str | None:
 
 def display_recipe(recipe: str, float32: str | None = None) -> str:
     """A recipe's name for people: the high-precision one is called ``float32`` when it computes in float32."""
-    if float32 is not None and recipe_options(recipe) == {"recipe": "bf16"}:
+    if float32 is not None and recipe_options(recipe) == {"recipe": "bf16"} and recipe not in DGE_ONLY_RECIPES:
         return float32
     return recipe
 
@@ -249,7 +259,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--recipes",
         default=",".join(RECIPE_NAMES),
-        help=f"comma-separated recipes: the benchmark's {','.join(RECIPE_NAMES)} or any other name in "
+        help=f"comma-separated recipes: the benchmark's {','.join(RECIPE_NAMES)}, its variants and controls "
+        f"({','.join(r for r in _RECIPE_OPTIONS if r not in RECIPE_NAMES)}) or any other name in "
         f"fp4compile.RECIPES ({','.join(r for r in RECIPES if r not in _RECIPE_OPTIONS) or 'none'}) "
         f"(default: all of {','.join(RECIPE_NAMES)})",
     )
@@ -284,6 +295,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=("auto", "float32", "bfloat16"),
         help="autocast dtype (default: bfloat16 on CUDA, float32 on CPU)",
+    )
+    parser.add_argument(
+        "--save-weights",
+        action="store_true",
+        help="save each run's final weights as <run>_weights.pt in --out (for benchmarks/cross_eval.py)",
     )
     parser.add_argument(
         "--checkpoint-every",
@@ -515,6 +531,8 @@ def _run_key(args: argparse.Namespace, spec: RunSpec, cfg: TrainConfig, max_byte
         "max_bytes": max_bytes,
         "train": asdict(cfg) | {"adam_betas": list(cfg.adam_betas)},
     }
+    if spec.recipe in DGE_ONLY_RECIPES:
+        key["dge_only"] = recipe_options(DGE_ONLY_RECIPES[spec.recipe])
     if spec.switch_to is not None:  # (plain runs keep the key they had before switches existed)
         key["switch"] = {"to": spec.switch_to, "to_options": recipe_options(spec.switch_to),
                          "last_fraction": spec.switch_last}
@@ -577,6 +595,11 @@ def _run_one(
         import fp4compile
 
         fp4compile.stats(clear=True)  # nothing from an earlier run
+    if recipe in DGE_ONLY_RECIPES:
+        from fp4compile.config import Fp4Config
+        from fp4compile.training.dge_only import attach_dge_only
+
+        attach_dge_only(model, Fp4Config.from_options(recipe_options(DGE_ONLY_RECIPES[recipe])))
     compiled_forward = compile_for_recipe(model, recipe, args.backend, stats_interval)
     switch = None
     recipe_of = lambda step: recipe  # noqa: E731 - the recipe of a 1-based step
@@ -645,6 +668,10 @@ def _run_one(
             indent=1,
         )
     )
+    if getattr(args, "save_weights", False):
+        # The final weights, for evaluating them through another recipe's forward
+        # (benchmarks/cross_eval.py); the key says how they were trained.
+        torch.save({"key": key, "model": model.state_dict()}, out / f"{name}_weights.pt")
     checkpoint_path.unlink(missing_ok=True)
     key_path.unlink(missing_ok=True)
     return outcome
