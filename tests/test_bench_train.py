@@ -170,8 +170,8 @@ def test_bench_writes_csvs_plot_and_paired_summary(tmp_path):
     assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
     summary = (tmp_path / "summary.md").read_text()
     # CPU, autocast float32: the bf16 recipe is named for what it computes in.
-    assert ("| recipe | final val loss | gap to float32 (bf16 recipe on CPU) (%) | gap std (%) | tokens/s | "
-            "diverged |") in summary
+    assert ("| recipe | final val loss | gap to float32 (bf16 recipe on CPU) (%) | gap std (%) | gap 95% CI (%) "
+            "| tokens/s | diverged |") in summary
     assert "| float32 (bf16 recipe on CPU) |" in summary and "| bf16 |" not in summary
     assert "| paper |" in summary and "+0.00 | 0.00 |" in summary
     assert "torch " + torch.__version__ in summary and "wall time" in summary and "CPUs" in summary
@@ -296,7 +296,11 @@ def test_tokens_and_eval_every_tokens_set_steps_by_ceiling(tmp_path):
                            (("--lrs", "1e-3,x"), "--lrs takes comma-separated numbers"),
                            (("--lrs", "1e-3,0.001"), "--lrs lists a rate twice"),
                            (("--lrs", "1e-3,-1"), "--lrs rates must be positive"),
-                           (("--lrs", "1e-3", "--lr", "1e-3"), "--lr and --lrs exclude each other")):
+                           (("--lrs", "1e-3", "--lr", "1e-3"), "--lr and --lrs exclude each other"),
+                           (("--recipes", "bf16,paper@x", "--lrs", "1e-3"), "not NAME@RATE"),
+                           (("--recipes", "bf16,paper@0", "--lrs", "1e-3"), "must be positive"),
+                           (("--recipes", "bf16,paper@1e-3"), "need --lrs"),
+                           (("--recipes", "bf16,paper,paper@1e-3", "--lrs", "1e-3"), "repeats a run")):
         assert bench_train.run(bench_args(tmp_path / "bad", *extra)) == 2, extra
 
 
@@ -327,6 +331,50 @@ def test_lr_sweep_reports_each_recipes_best_rate_and_gap_curves(tmp_path, capsys
     assert names == {"bf16": "float32 (bf16 recipe on CPU)", "paper": "paper"}
     assert "## Learning-rate sweep" in (tmp_path / "summary.md").read_text()
     assert (tmp_path / "gap_curves.png").stat().st_size > 10_000
+
+
+def test_recipe_at_rate_adds_one_run_compared_with_the_shared_rate(tmp_path):
+    """`paper@3e-2` beside `--lrs 1e-3`: one more paper run, its gap paired with bf16 at 1e-3, seed by seed."""
+    args = bench_args(tmp_path, "--recipes", "bf16,paper,paper@3e-2", "--seeds", "2", "--steps", "3",
+                      "--eval-every", "3", "--lrs", "1e-3")
+    assert bench_train.run(args) == 0
+    assert sorted(p.name for p in tmp_path.glob("*_seed0.csv")) == [
+        "bf16_lr0.001_seed0.csv", "paper_lr0.001_seed0.csv", "paper_lr0.03_seed0.csv"]
+    final = {(name, seed): float(read_csv(tmp_path / f"{name}_seed{seed}.csv")[-1]["val_loss"])
+             for name in ("bf16_lr0.001", "paper_lr0.03") for seed in (0, 1)}
+    gaps = [100 * (final["paper_lr0.03", s] - final["bf16_lr0.001", s]) / final["bf16_lr0.001", s] for s in (0, 1)]
+    assert gaps[0] != 0 and gaps[0] != gaps[1]  # a 30x higher rate changes the run (eager: no quantization)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rows = {row["recipe"]: row for row in summary["rows"]}
+    assert rows["paper_lr0.03"]["gap_to_bf16_pct_mean"] == pytest.approx(sum(gaps) / 2, rel=1e-12)
+    half_width = 12.706 * abs(gaps[0] - gaps[1]) / math.sqrt(2) / math.sqrt(2)  # t(0.975, 1 df) s / sqrt(n)
+    assert rows["paper_lr0.03"]["gap_to_bf16_pct_ci95"] == pytest.approx(half_width, rel=1e-4)
+    paper = next(entry for entry in summary["sweep"] if entry["recipe"] == "paper")
+    assert set(paper["final_val_loss_by_lr"]) == {"0.001", "0.03"}
+    text = (tmp_path / "summary.md").read_text()
+    assert "| lr 0.001 | lr 0.03 |" in text and "gap 95% CI (%)" in text
+
+
+def _t_quantile_by_integration(df: int, p: float = 0.975) -> float:
+    """Student's t quantile from its density (Simpson's rule, bisection): an oracle for the table."""
+    norm = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+
+    def cdf(x: float, n: int = 20_000) -> float:
+        h = x / n
+        total = sum((1 if i in (0, n) else 4 if i % 2 else 2) * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2)
+                    for i in range(n + 1))
+        return 0.5 + norm * total * h / 3
+
+    low, high = 0.0, 20.0
+    for _ in range(50):
+        middle = (low + high) / 2
+        low, high = (middle, high) if cdf(middle) < p else (low, middle)
+    return (low + high) / 2
+
+
+@pytest.mark.parametrize("df", [1, 2, 4, 9, 17, 30])
+def test_t_quantile_table_matches_the_density(df):
+    assert bench_train.t_quantile_975(df) == pytest.approx(_t_quantile_by_integration(df), abs=1.5e-3)
 
 
 def test_gap_curves_pair_each_seed_with_its_baseline(tmp_path, monkeypatch):

@@ -131,6 +131,7 @@ def test_bench_train_fp4_backend_paired_gaps(tmp_path):
     assert paper["gap_seeds"] == 2 and paper["seeds"] == 2
     assert paper["gap_to_bf16_pct_mean"] == pytest.approx(mean, rel=1e-12, abs=1e-15)
     assert paper["gap_to_bf16_pct_std"] == pytest.approx(std, rel=1e-12, abs=1e-15)
+    assert paper["gap_to_bf16_pct_ci95"] == pytest.approx(12.706 * std / math.sqrt(2), rel=1e-12)  # t(0.975, 1 df)
     assert paper["final_val_loss_mean"] == pytest.approx((losses["paper", 0] + losses["paper", 1]) / 2, rel=1e-15)
     assert bf16["gap_to_bf16_pct_mean"] == 0 and bf16["gap_to_bf16_pct_std"] == 0
     summary = (out / "summary.md").read_text()

@@ -186,6 +186,9 @@ class RunSpec:
     switch_to: str | None = None
     switch_last: float | None = None
     lr: float | None = None  # the peak learning rate of a --lrs sweep; None: the run's --lr
+    # The baseline's rate for this run's gap; None: the same rate as this run
+    # (a NAME@RATE run is compared with the baseline at the one --lrs rate).
+    baseline_lr: float | None = None
 
     @property
     def base(self) -> str:
@@ -200,7 +203,7 @@ class RunSpec:
     @property
     def baseline_label(self) -> str:
         """The run this one's gap is measured against: the baseline recipe at the same learning rate."""
-        return RunSpec(BASELINE_RECIPE, lr=self.lr).label
+        return RunSpec(BASELINE_RECIPE, lr=self.lr if self.baseline_lr is None else self.baseline_lr).label
 
     def display(self, float32_name: str | None = None) -> str:
         """The name tables, legends and printed lines use (see ``display_recipe``)."""
@@ -262,7 +265,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated recipes: the benchmark's {','.join(RECIPE_NAMES)}, its variants and controls "
         f"({','.join(r for r in _RECIPE_OPTIONS if r not in RECIPE_NAMES)}) or any other name in "
         f"fp4compile.RECIPES ({','.join(r for r in RECIPES if r not in _RECIPE_OPTIONS) or 'none'}) "
-        f"(default: all of {','.join(RECIPE_NAMES)})",
+        f"(default: all of {','.join(RECIPE_NAMES)}); with --lrs, NAME@RATE runs NAME at RATE only",
     )
     parser.add_argument("--seeds", type=int, default=1, help="number of seeds per recipe (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="first seed; seeds are SEED..SEED+N-1 (default: 0)")
@@ -346,7 +349,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="LR,LR,...",
         help="learning-rate sweep: train every recipe at each peak rate (runs <recipe>_lr<rate>) and report "
-        "each recipe's best rate; min lr is rate / 10 unless --min-lr (default: off, --lr)",
+        "each recipe's best rate; min lr is rate / 10 unless --min-lr. A --recipes entry NAME@RATE adds one "
+        "run of NAME at RATE (e.g. its own tuned rate beside a shared one), compared with the baseline at "
+        "the --lrs rate when --lrs has one (default: off, --lr)",
     )
 
 
@@ -376,12 +381,26 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _split_rate(entry: str) -> tuple[str, float | None]:
+    """``NAME`` -> (NAME, None); ``NAME@RATE`` -> (NAME, RATE): one run of NAME at peak rate RATE."""
+    name, at, rate_text = entry.partition("@")
+    if not at:
+        return entry, None
+    try:
+        rate = float(rate_text)
+    except ValueError:
+        raise ValueError(f"--recipes: {entry!r} is not NAME@RATE with a number RATE") from None
+    if not (math.isfinite(rate) and rate > 0):
+        raise ValueError(f"--recipes: the rate of {entry!r} must be positive")
+    return name, rate
+
+
 def _parse_recipes(text: str) -> list[str]:
     recipes = [name.strip() for name in text.split(",") if name.strip()]
     if not recipes:
         raise ValueError("--recipes is empty")
-    for name in recipes:
-        recipe_options(name)
+    for entry in recipes:
+        recipe_options(_split_rate(entry)[0])
     if len(set(recipes)) != len(recipes):
         raise ValueError(f"--recipes lists a recipe twice: {text}")
     return recipes
@@ -392,6 +411,12 @@ def _run_specs(recipes: list[str], switch_last: float | None, switch_to: str,
     """Per learning rate: the plain run of every recipe, then (with a switch) the switched run of every
     recipe but the target."""
     specs = []
+    extra = [_split_rate(entry) for entry in recipes if "@" in entry]
+    recipes = [entry for entry in recipes if "@" not in entry]
+    if extra and lrs == [None]:
+        raise ValueError("--recipes NAME@RATE entries need --lrs (the rate of the other recipes)")
+    if extra and switch_last is not None:
+        raise ValueError("--recipes NAME@RATE entries and --switch-last exclude each other")
     if switch_last is not None:
         recipe_options(switch_to)
         switch_step_for(1, switch_last)  # checks the fraction: ValueError outside (0, 1]
@@ -401,6 +426,14 @@ def _run_specs(recipes: list[str], switch_last: float | None, switch_to: str,
         specs += [RunSpec(recipe, lr=lr) for recipe in recipes]
         if switch_last is not None:
             specs += [RunSpec(recipe, switch_to, switch_last, lr) for recipe in recipes if recipe != switch_to]
+    # NAME@RATE: one more run of NAME (its own tuned rate, say), compared with the
+    # baseline at the --lrs rate when there is one rate, else at its own rate.
+    baseline_lr = lrs[0] if len(lrs) == 1 else None
+    for name, rate in extra:
+        spec = RunSpec(name, lr=rate, baseline_lr=baseline_lr)
+        if spec.label in {existing.label for existing in specs}:
+            raise ValueError(f"--recipes: {name}@{rate:g} repeats a run that --lrs already makes")
+        specs.append(spec)
     return specs
 
 
@@ -789,7 +822,7 @@ def run(args: argparse.Namespace) -> int:
         row["label"] = names[row["recipe"]]
     sweep = best_rates(outcomes, specs, float32) if lrs != [None] else None
     if sweep is not None:
-        context["lrs"] = lrs
+        context["lrs"] = sorted({spec.lr for spec in specs})
         for entry in sweep:
             if entry["best_lr"] is None:
                 print(f"bench train: best learning rate of {entry['name']}: none (every rate diverged or failed)")
@@ -815,6 +848,27 @@ def param_count_of_preset(name: str) -> int:
     """Parameters of a preset's model, counted without allocating it."""
     with torch.device("meta"):
         return param_count(Llama(preset(name)))
+
+
+# Two-sided 95% quantiles of Student's t by degrees of freedom (1-30); larger
+# samples use the normal quantile's neighbourhood (2.04 at 30, 1.96 in the limit).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (1.96 beyond the table)."""
+    if df < 1:
+        raise ValueError("t_quantile_975 needs at least one degree of freedom")
+    return _T975[df - 1] if df <= len(_T975) else 1.96
+
+
+def ci95_half_width(values: list[float]) -> float | None:
+    """Half-width of the 95% confidence interval of the mean of ``values`` (t-based; None below 2 values)."""
+    if len(values) < 2:
+        return None
+    return t_quantile_975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def _paired_gaps(by_run: dict, label: str, baseline: str, seeds: list[int]) -> list[float]:
@@ -856,6 +910,7 @@ def summarize(outcomes: list[RunOutcome], recipes: list[str], baselines: dict[st
                 "final_val_loss_mean": statistics.fmean(losses) if losses else None,
                 "gap_to_bf16_pct_mean": statistics.fmean(gaps) if gaps else None,
                 "gap_to_bf16_pct_std": statistics.stdev(gaps) if len(gaps) >= 2 else None,
+                "gap_to_bf16_pct_ci95": ci95_half_width(gaps),
                 "gap_seeds": len(gaps),
                 "tokens_per_s": statistics.fmean(speeds) if speeds else None,
                 "diverged_seeds": sum(o.diverged for o in finished),
@@ -905,6 +960,7 @@ def best_rates(outcomes: list[RunOutcome], specs: list[RunSpec], float32: str | 
             gaps = _paired_gaps(by_run, entry["best_label"], baseline["best_label"], seeds)
         entry["best_gap_pct_mean"] = statistics.fmean(gaps) if gaps else None
         entry["best_gap_pct_std"] = statistics.stdev(gaps) if len(gaps) >= 2 else None
+        entry["best_gap_pct_ci95"] = ci95_half_width(gaps)
     return list(entries.values())
 
 
@@ -914,6 +970,13 @@ def _machine_description(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         text += f", GPU {torch.cuda.get_device_name(torch.device(device))}"
     return text
+
+
+def _ci_text(mean: float | None, half_width: float | None) -> str:
+    """``[low, high]`` of a 95% confidence interval, or n/a."""
+    if mean is None or half_width is None:
+        return "n/a"
+    return f"[{mean - half_width:+.2f}, {mean + half_width:+.2f}]"
 
 
 def render_summary_markdown(rows: list[dict], context: dict, sweep: list[dict] | None = None) -> str:
@@ -952,8 +1015,9 @@ def render_summary_markdown(rows: list[dict], context: dict, sweep: list[dict] |
         )
     lines += [
         "",
-        f"| recipe | final val loss | gap to {baseline_name} (%) | gap std (%) | tokens/s | diverged |",
-        "|---|---|---|---|---|---|",
+        f"| recipe | final val loss | gap to {baseline_name} (%) | gap std (%) | gap 95% CI (%) | tokens/s "
+        "| diverged |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if row["diverged_seeds"] == 0:
@@ -968,7 +1032,7 @@ def render_summary_markdown(rows: list[dict], context: dict, sweep: list[dict] |
         lines.append(
             f"| {names.get(row['recipe'], row['recipe'])} | {number(row['final_val_loss_mean'], '.4f')} | "
             f"{'n/a' if gap is None else format(gap, '+.2f')} | {number(row['gap_to_bf16_pct_std'], '.2f')} | "
-            f"{number(row['tokens_per_s'], ',.0f')} | {diverged} |"
+            f"{_ci_text(gap, row['gap_to_bf16_pct_ci95'])} | {number(row['tokens_per_s'], ',.0f')} | {diverged} |"
         )
     errors = [(row["recipe"], error) for row in rows for error in row["errors"]]
     if errors:
@@ -979,15 +1043,16 @@ def render_summary_markdown(rows: list[dict], context: dict, sweep: list[dict] |
                   "Final validation loss (mean over seeds; n/a: a seed diverged or failed) at each peak rate; the "
                   f"gap pairs each recipe at its best rate with {baseline_name} at its best rate, seed by seed.", "",
                   "| recipe | " + " | ".join(f"lr {rate}" for rate in rates) + f" | best lr | gap to {baseline_name} "
-                  "at best rates (%) | gap std (%) |",
-                  "|---|" + "---|" * (len(rates) + 3)]
+                  "at best rates (%) | gap std (%) | gap 95% CI (%) |",
+                  "|---|" + "---|" * (len(rates) + 4)]
         for entry in sweep:
             losses = [number(entry["final_val_loss_by_lr"].get(rate), ".4f") for rate in rates]
             best = "n/a" if entry["best_lr"] is None else f"{entry['best_lr']:g}"
             gap = entry["best_gap_pct_mean"]
             lines.append(f"| {entry['name']} | " + " | ".join(losses) + f" | {best} | "
                          f"{'n/a' if gap is None else format(gap, '+.2f')} | "
-                         f"{number(entry['best_gap_pct_std'], '.2f')} |")
+                         f"{number(entry['best_gap_pct_std'], '.2f')} | "
+                         f"{_ci_text(gap, entry['best_gap_pct_ci95'])} |")
     if context.get("plots", True):
         lines += ["", "![loss curves](loss_curves.png)", "", "![gap to the baseline over training](gap_curves.png)", ""]
     else:
