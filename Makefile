@@ -17,7 +17,7 @@ demo: setup
 TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))" 2>/dev/null || echo 1)
 
 test: setup browser
-	$(PYTHON) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile
+	$(PYTHON) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 # The prepared check of the CUDA path on a GPU machine (DEVELOPERS.md); needs no setup.
 gpu-check:
