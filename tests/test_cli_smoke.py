@@ -91,12 +91,17 @@ def _read_csv(path) -> list[dict]:
 
 @pytest.mark.slow
 def test_bench_train_fp4_backend_paired_gaps(tmp_path):
-    """Two recipes, two seeds, backend fp4: the summary's gaps equal those recomputed from each run's loss."""
+    """Two recipes, one seed, backend fp4: the product backend runs and the summary's gap is the runs' own.
+
+    One seed: the per-seed pairing, standard deviation and confidence interval are
+    checked on two seeds with the eager backend (tests/test_bench_train.py); here
+    each extra run costs a compile.
+    """
     from fp4compile.__main__ import main
 
     fp4compile.reset()
     out = tmp_path / "bench"
-    args = ["bench", "train", "--preset", "tiny", "--backend", "fp4", "--recipes", "bf16,paper", "--seeds", "2",
+    args = ["bench", "train", "--preset", "tiny", "--backend", "fp4", "--recipes", "bf16,paper", "--seeds", "1",
             "--steps", "2", "--batch-size", str(BATCH), "--seq-len", str(SEQ), "--eval-sequences", "2",
             "--max-bytes", "100000", "--checkpoint-every", "0", "--no-progress", "--out", str(out)]
     try:
@@ -114,28 +119,24 @@ def test_bench_train_fp4_backend_paired_gaps(tmp_path):
 
     losses = {}
     for recipe in ("bf16", "paper"):
-        for seed in (0, 1):
-            result = json.loads((out / f"{recipe}_seed{seed}.json").read_text())
-            history = _read_csv(out / f"{recipe}_seed{seed}.csv")
-            assert [int(r["step"]) for r in history] == [1, 2] and result["diverged"] is False
-            # The run's final validation loss is its last logged one.
-            assert result["final_val_loss"] == float(history[-1]["val_loss"])
-            losses[recipe, seed] = result["final_val_loss"]
-    gaps = [100 * (losses["paper", s] - losses["bf16", s]) / losses["bf16", s] for s in (0, 1)]
-    assert all(abs(g) > 1e-3 for g in gaps) and gaps[0] != gaps[1], gaps  # FP4 moves the loss, per seed
-    mean = (gaps[0] + gaps[1]) / 2
-    std = math.sqrt(((gaps[0] - mean) ** 2 + (gaps[1] - mean) ** 2) / (2 - 1))  # sample std, n = 2
+        result = json.loads((out / f"{recipe}_seed0.json").read_text())
+        history = _read_csv(out / f"{recipe}_seed0.csv")
+        assert [int(r["step"]) for r in history] == [1, 2] and result["diverged"] is False
+        # The run's final validation loss is its last logged one.
+        assert result["final_val_loss"] == float(history[-1]["val_loss"])
+        losses[recipe] = result["final_val_loss"]
+    gap = 100 * (losses["paper"] - losses["bf16"]) / losses["bf16"]
+    assert abs(gap) > 1e-3, gap  # FP4 moves the loss
 
     rows = {row["recipe"]: row for row in json.loads((out / "summary.json").read_text())["rows"]}
     paper, bf16 = rows["paper"], rows["bf16"]
-    assert paper["gap_seeds"] == 2 and paper["seeds"] == 2
-    assert paper["gap_to_bf16_pct_mean"] == pytest.approx(mean, rel=1e-12, abs=1e-15)
-    assert paper["gap_to_bf16_pct_std"] == pytest.approx(std, rel=1e-12, abs=1e-15)
-    assert paper["gap_to_bf16_pct_ci95"] == pytest.approx(12.706 * std / math.sqrt(2), rel=1e-12)  # t(0.975, 1 df)
-    assert paper["final_val_loss_mean"] == pytest.approx((losses["paper", 0] + losses["paper", 1]) / 2, rel=1e-15)
-    assert bf16["gap_to_bf16_pct_mean"] == 0 and bf16["gap_to_bf16_pct_std"] == 0
+    assert paper["gap_seeds"] == 1 and paper["seeds"] == 1
+    assert paper["gap_to_bf16_pct_mean"] == pytest.approx(gap, rel=1e-12, abs=1e-15)
+    assert paper["gap_to_bf16_pct_std"] is None and paper["gap_to_bf16_pct_ci95"] is None  # one seed: no spread
+    assert paper["final_val_loss_mean"] == losses["paper"]
+    assert bf16["gap_to_bf16_pct_mean"] == 0
     summary = (out / "summary.md").read_text()
-    assert f"| paper | {paper['final_val_loss_mean']:.4f} | {mean:+.2f} | {std:.2f} |" in summary
+    assert f"| paper | {paper['final_val_loss_mean']:.4f} | {gap:+.2f} | n/a | n/a |" in summary
     assert "backend `fp4`" in summary
 
 
