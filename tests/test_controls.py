@@ -7,6 +7,7 @@ evaluated through its own recipe's forward must give back the loss it logged.
 """
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 from pathlib import Path
@@ -124,7 +125,7 @@ def test_dge_only_and_cross_eval_through_the_benchmark(tmp_path, capsys):
     cross_eval = _cross_eval_module()
     assert cross_eval.main([str(tmp_path), "--forwards", "bf16,paper"]) == 0  # nonzero if the diagonal is off
     rows = {(row["run"], row["forward"]): float(row["val_loss"])
-            for row in __import__("csv").DictReader((tmp_path / "cross_eval.csv").open())}
+            for row in csv.DictReader((tmp_path / "cross_eval.csv").open())}
     assert len(rows) == 6
     assert rows[("paper_seed0", "paper")] == pytest.approx(results["paper"]["final_val_loss"], rel=1e-5)
     assert rows[("bf16_seed0", "bf16")] == pytest.approx(results["bf16"]["final_val_loss"], rel=1e-5)

@@ -59,7 +59,7 @@ from pathlib import Path
 
 import torch
 
-from fp4compile.config import RECIPES
+from fp4compile.config import RECIPES, Fp4Config
 from fp4compile.precision_switch import PrecisionSwitch, switch_step_for
 from fp4compile.training.data import DEFAULT_MAX_BYTES, load_corpus, split_train_val, val_batches
 from fp4compile.training.models.llama import PRESETS, Llama, param_count, preset
@@ -631,7 +631,6 @@ def _run_one(
 
         fp4compile.stats(clear=True)  # nothing from an earlier run
     if recipe in DGE_ONLY_RECIPES:
-        from fp4compile.config import Fp4Config
         from fp4compile.training.dge_only import attach_dge_only
 
         attach_dge_only(model, Fp4Config.from_options(recipe_options(DGE_ONLY_RECIPES[recipe])))
