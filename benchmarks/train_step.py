@@ -13,10 +13,12 @@ reported per variant.
     python benchmarks/train_step.py                         # gpu-1b, batch 8 x 1024 tokens
     python benchmarks/train_step.py --batch-size 4 --seq-len 2048
     python benchmarks/train_step.py --device cpu --small    # smoke test on CPU (tiny model)
+    python benchmarks/train_step.py --layers 4              # gpu-1b cut to 4 blocks (a quicker compile)
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -28,6 +30,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cuda (default) or cpu (needs --small)")
     parser.add_argument("--small", action="store_true", help="tiny model, batch and step count (smoke test)")
     parser.add_argument("--preset", default=None, help="model preset (default gpu-1b; tiny with --small)")
+    parser.add_argument("--layers", type=int, default=None, help="transformer blocks (default: the preset's)")
     parser.add_argument("--variants", default="bf16,paper", help="comma-separated: bf16 and/or fp4 recipes")
     parser.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 8; 2 with --small)")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 1024; 32 with --small)")
@@ -43,6 +46,8 @@ def parse_args(argv=None):
     args.steps = args.steps or (3 if args.small else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.small else 5)
     args.variants = [v for v in args.variants.split(",") if v]
+    if args.layers is not None and args.layers < 1:
+        parser.error("--layers must be at least 1")
     return args
 
 
@@ -54,6 +59,8 @@ def run_variant(variant: str, args, device: str) -> dict:
     from fp4compile.training.models.llama import Llama, param_count, preset
 
     config = preset(args.preset)
+    if args.layers is not None:
+        config = dataclasses.replace(config, n_layers=args.layers)
     if args.seq_len > config.max_seq_len:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the preset's max_seq_len {config.max_seq_len}")
     torch.manual_seed(0)
@@ -161,7 +168,7 @@ def main(argv=None) -> int:
               f"| {r['compile_s']:.0f} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} |")
     sized = next((r for r in results if "params" in r), None)
     if sized:
-        print(f"\n{sized['params'] / 1e6:.1f}M parameters.")
+        print(f"\n{sized['params'] / 1e6:.1f}M parameters ({sized['params']:,}).")
     if device == "cpu":
         print("\n(CPU smoke test: the numbers above are not performance measurements.)")
     return 0

@@ -18,10 +18,12 @@ distributed run takes a contiguous equal share of the global batch. Results
 land in DIR/<config>/: a JSON file per process (loss curve, what fp4compile
 reported) and the final full (gathered) parameters, for the test to compare.
 
-    # the product backend on a one-block model (what the test runs with Inductor)
-    python tests/dist_worker.py single --out DIR --backend fp4 --layers 1
+    # the product backend on a one-block model, FSDP2 only (what the test runs
+    # with Inductor; --modes ddp,fsdp2 adds the DDP run, with --ddp-bucket-mb 25
+    # for one bucket)
+    python tests/dist_worker.py single --out DIR --layers 1
     python -m torch.distributed.run --standalone --nproc-per-node 2 \
-        tests/dist_worker.py dist --out DIR --backend fp4 --layers 1 --ddp-bucket-mb 25 --no-checkpoint
+        tests/dist_worker.py dist --out DIR --backend fp4 --layers 1 --modes fsdp2 --no-checkpoint
 
 Then, to print (and with --json write) how far each distributed run is from one
 process, the figures docs/distributed.md quotes:
@@ -285,6 +287,8 @@ def compare(out: Path, n_layers: int) -> dict:
         rank0 = json.loads((out / config / "dist_rank0.json").read_text())
         figures[config] = {"fp4_vs_high_precision_loss_rel": ((ref - high_precision).abs() / ref).max().item()}
         for mode, params_file in (("ddp", "ddp_params_rank0.pt"), ("fsdp2", "fsdp_params.pt")):
+            if mode not in rank0:  # a run with --modes leaving it out
+                continue
             losses = torch.tensor(rank0[mode]["losses"], dtype=torch.float64)
             params = torch.load(out / config / params_file)
             updates = {
@@ -314,8 +318,12 @@ def main() -> None:
     parser.add_argument("--ddp-bucket-mb", type=float, default=0.1,
                         help="DDP gradient bucket size; 0.1 splits the tiny model's graph into several pieces")
     parser.add_argument("--no-checkpoint", action="store_true", help="no distributed checkpoint in the FSDP2 run")
+    parser.add_argument("--modes", default="ddp,fsdp2", help="dist: the wrappers to run, of ddp,fsdp2 (default: both)")
     parser.add_argument("--json", type=Path, default=None, help="compare: also write the figures here")
     args = parser.parse_args()
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or not set(modes) <= {"ddp", "fsdp2"}:
+        parser.error(f"--modes takes ddp and/or fsdp2, got {args.modes!r}")
     if args.mode == "compare":
         figures = compare(args.out, args.layers)
         print(json.dumps(figures, indent=1))
@@ -351,15 +359,20 @@ def main() -> None:
         for name in args.configs:
             out = args.out / name
             out.mkdir(parents=True, exist_ok=True)
-            t0 = time.perf_counter()
-            result = {"world": world,
-                      "ddp": run_ddp(out, args.backend, CONFIGS[name], rank, world, args.layers, args.ddp_bucket_mb)}
-            dist.barrier()
-            t1 = time.perf_counter()
-            save_checkpoint = name == CKPT_CONFIG and not args.no_checkpoint
-            result["fsdp2"] = run_fsdp2(out, args.backend, CONFIGS[name], rank, world, args.layers, save_checkpoint)
-            dist.barrier()
-            result["seconds"] = {"ddp": t1 - t0, "fsdp2": time.perf_counter() - t1}
+            result = {"world": world, "seconds": {}}
+            if "ddp" in modes:
+                t0 = time.perf_counter()
+                result["ddp"] = run_ddp(out, args.backend, CONFIGS[name], rank, world, args.layers,
+                                        args.ddp_bucket_mb)
+                dist.barrier()
+                result["seconds"]["ddp"] = time.perf_counter() - t0
+            if "fsdp2" in modes:
+                t0 = time.perf_counter()
+                save_checkpoint = name == CKPT_CONFIG and not args.no_checkpoint
+                result["fsdp2"] = run_fsdp2(out, args.backend, CONFIGS[name], rank, world, args.layers,
+                                            save_checkpoint)
+                dist.barrier()
+                result["seconds"]["fsdp2"] = time.perf_counter() - t0
             (out / f"dist_rank{rank}.json").write_text(json.dumps(result, indent=1))
     finally:
         dist.destroy_process_group()

@@ -183,8 +183,8 @@ def test_bench_writes_csvs_plot_and_paired_summary(tmp_path):
 def test_bench_reports_divergence_and_finishes_other_recipes(tmp_path, monkeypatch):
     stock_compile = bench_train.compile_for_recipe
 
-    def compile_with_nan_for_fp8(model, recipe, backend, stats_interval=0):
-        compiled = stock_compile(model, recipe, backend, stats_interval)
+    def compile_with_nan_for_fp8(model, recipe, backend, stats_interval=0, **kwargs):
+        compiled = stock_compile(model, recipe, backend, stats_interval, **kwargs)
         if recipe != "fp8":
             return compiled
         calls = {"training": 0}
@@ -221,9 +221,9 @@ def test_bench_resume_skips_finished_runs_and_continues_interrupted_ones(tmp_pat
     stock_compile = bench_train.compile_for_recipe
     compiled_recipes = []
 
-    def interrupt_paper_at_step_4(model, recipe, backend, stats_interval=0):
+    def interrupt_paper_at_step_4(model, recipe, backend, stats_interval=0, **kwargs):
         compiled_recipes.append(recipe)
-        compiled = stock_compile(model, recipe, backend, stats_interval)
+        compiled = stock_compile(model, recipe, backend, stats_interval, **kwargs)
         if recipe != "paper":
             return compiled
         calls = {"training": 0}
@@ -249,7 +249,7 @@ def test_bench_resume_skips_finished_runs_and_continues_interrupted_ones(tmp_pat
     compiled_recipes.clear()
     finished_before = (run_dir / "bf16_seed0.json").read_text()
     monkeypatch.setattr(bench_train, "compile_for_recipe",
-                        lambda *a: compiled_recipes.append(a[1]) or stock_compile(*a))
+                        lambda *a, **k: compiled_recipes.append(a[1]) or stock_compile(*a, **k))
     assert bench_train.run(bench_args(run_dir, *common, "--resume")) == 0
     assert compiled_recipes == ["paper"]  # bf16 was complete and is not rerun
     assert (run_dir / "bf16_seed0.json").read_text() == finished_before
@@ -262,6 +262,36 @@ def test_bench_resume_skips_finished_runs_and_continues_interrupted_ones(tmp_pat
 
     # other settings in the same folder are refused instead of mixed in
     assert bench_train.run(bench_args(run_dir, "--recipes", "bf16", "--steps", "7", "--resume")) == 2
+
+
+def test_regional_compiles_each_block_and_keeps_its_own_resume_key(tmp_path, monkeypatch):
+    """--regional: the blocks are compiled, the model around them is not; its runs never resume whole-model ones."""
+    stock_compile = bench_train.compile_for_recipe
+    compiled = []
+
+    def record(model, recipe, backend, stats_interval=0, **kwargs):
+        result = stock_compile(model, recipe, backend, stats_interval, **kwargs)
+        compiled.append((model, result, kwargs.get("regional")))
+        return result
+
+    monkeypatch.setattr(bench_train, "compile_for_recipe", record)
+    whole, regional = tmp_path / "whole", tmp_path / "regional"
+    common = ("--recipes", "bf16", "--steps", "2")
+    assert bench_train.run(bench_args(whole, *common)) == 0
+    assert bench_train.run(bench_args(regional, *common, "--regional")) == 0
+    (model_w, result_w, flag_w), (model_r, result_r, flag_r) = compiled
+    assert (flag_w, flag_r) == (False, True)
+    assert isinstance(result_w, torch._dynamo.eval_frame.OptimizedModule) and result_w._orig_mod is model_w
+    assert result_r is model_r and all(block._compiled_call_impl is not None for block in model_r.layers)
+    assert model_r._compiled_call_impl is None and model_r.embed._compiled_call_impl is None
+    # Same numbers (eager backend: compiling changes nothing), different keys.
+    assert read_csv(whole / "bf16_seed0.csv")[-1]["val_loss"] == read_csv(regional / "bf16_seed0.csv")[-1]["val_loss"]
+    assert "compiled block by block" in (regional / "summary.md").read_text()
+    assert "compiled block by block" not in (whole / "summary.md").read_text()
+    key = json.loads((regional / "bf16_seed0.json").read_text())["key"]
+    assert key["regional"] is True and "regional" not in json.loads((whole / "bf16_seed0.json").read_text())["key"]
+    # A finished whole-model run is not taken for a regional one.
+    assert bench_train.run(bench_args(whole, *common, "--regional", "--resume")) == 2
 
 
 def test_bench_optimizer_options_reach_the_training_config(tmp_path):
@@ -278,6 +308,8 @@ def test_bench_rejects_bad_arguments(tmp_path, capsys):
     assert bench_train.run(bench_args(tmp_path, "--recipes", "bf16,fp3")) == 2
     assert "unknown recipe" in capsys.readouterr().err
     assert bench_train.run(bench_args(tmp_path, "--seq-len", "4096")) == 2
+    assert bench_train.run(bench_args(tmp_path, "--regional", "--switch-last", "0.5")) == 2
+    assert "--regional with --switch-last needs --backend fp4" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- long studies: tokens, sweeps, gap plot, labels

@@ -20,6 +20,7 @@ the cheapest compile that exercises its timers and kernel count.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -95,7 +96,8 @@ def test_bench_train_fp4_backend_paired_gaps(tmp_path):
 
     One seed: the per-seed pairing, standard deviation and confidence interval are
     checked on two seeds with the eager backend (tests/test_bench_train.py); here
-    each extra run costs a compile.
+    each extra run costs a compile. Block by block (`--regional`): one block graph
+    per recipe serves both blocks, half the compile of the whole model.
     """
     from fp4compile.__main__ import main
 
@@ -103,19 +105,21 @@ def test_bench_train_fp4_backend_paired_gaps(tmp_path):
     out = tmp_path / "bench"
     args = ["bench", "train", "--preset", "tiny", "--backend", "fp4", "--recipes", "bf16,paper", "--seeds", "1",
             "--steps", "2", "--batch-size", str(BATCH), "--seq-len", str(SEQ), "--eval-sequences", "2",
-            "--max-bytes", "100000", "--checkpoint-every", "0", "--no-progress", "--out", str(out)]
+            "--max-bytes", "100000", "--checkpoint-every", "0", "--no-progress", "--regional", "--out", str(out)]
     try:
         assert main(args) == 0
         reports = fp4compile.reports()
     finally:
         fp4compile.reset()
-    # The product backend ran: each paper compile quantized the 14 block linears, bf16 none.
+    # The product backend ran: one block graph per recipe (the second block reuses
+    # it); paper's quantized the block's 7 linears, bf16's none.
     by_recipe = {}
     for report in reports:
         by_recipe.setdefault(report.config.recipe, []).append(report)
     assert set(by_recipe) == {"bf16", "paper"} and all(r.backend == "fp4" for r in reports)
-    assert all(len(r.quantized) == 14 for r in by_recipe["paper"])
-    assert all(not r.quantized for r in by_recipe["bf16"])
+    assert len(by_recipe["paper"]) == len(by_recipe["bf16"]) == 1
+    assert len(by_recipe["paper"][0].quantized) == 7
+    assert not by_recipe["bf16"][0].quantized
 
     losses = {}
     for recipe in ("bf16", "paper"):
@@ -137,7 +141,7 @@ def test_bench_train_fp4_backend_paired_gaps(tmp_path):
     assert bf16["gap_to_bf16_pct_mean"] == 0
     summary = (out / "summary.md").read_text()
     assert f"| paper | {paper['final_val_loss_mean']:.4f} | {gap:+.2f} | n/a | n/a |" in summary
-    assert "backend `fp4`" in summary
+    assert "backend `fp4`, compiled block by block" in summary
 
 
 # ---------------------------------------------------------------- benchmarks --small
@@ -145,8 +149,9 @@ def test_bench_train_fp4_backend_paired_gaps(tmp_path):
 
 @pytest.mark.slow
 def test_train_step_small_on_cpu():
-    # One variant (one compile): without bf16 the speed-up column reads "-".
-    out = _run(["benchmarks/train_step.py", "--device", "cpu", "--small", "--variants", "paper"])
+    # One variant (one compile) of the tiny model cut to one block (half the
+    # compile of two): without bf16 the speed-up column reads "-".
+    out = _run(["benchmarks/train_step.py", "--device", "cpu", "--small", "--layers", "1", "--variants", "paper"])
     rows = {m.group(1): m for m in re.finditer(
         r"^\| (paper) \| ([\d.]+) \| (\d+) \| - \| nan \| (\d+) \| ([\d.]+) -> ([\d.]+) \|$", out, re.M)}
     assert set(rows) == {"paper"}, out
@@ -154,7 +159,8 @@ def test_train_step_small_on_cpu():
         step_ms, tokens_per_s = float(match.group(2)), int(match.group(3))
         assert step_ms > 0 and tokens_per_s == pytest.approx(BATCH * SEQ / (step_ms * 1e-3), rel=0.01, abs=1)
         assert 0 < float(match.group(6)) < float(match.group(5)) < 6  # trains from about ln(256) = 5.55
-    assert f"{param_count(Llama(preset('tiny'))) / 1e6:.1f}M parameters." in out
+    one_block = dataclasses.replace(preset("tiny"), n_layers=1)
+    assert f"M parameters ({param_count(Llama(one_block)):,})." in out
     assert "batch 2 x 32 tokens" in out and "CPU smoke test" in out
 
 

@@ -2,9 +2,10 @@
 
 `compile_model` exists so that training stacks that never call `torch.compile`
 themselves can train in FP4. These tests run the example itself (its `main`,
-on a tiny LlamaForCausalLM: hidden 64, 2 blocks, 32-byte windows, batch 4,
-3 steps) under `paper` (whole-model compile) and `fp4-direct` (regional: one
-block graph serves both blocks), and check what a user relies on:
+on a tiny LlamaForCausalLM: hidden 64, 32-byte windows, batch 4, 3 steps)
+under `paper` (whole-model compile, one block: the compile grows with the
+blocks, and one has every kind of linear) and `fp4-direct` (regional, two
+blocks: one block graph serves both), and check what a user relies on:
 
 - the report: every decoder-block linear (q/k/v/o/gate/up/down) of every
   block quantized, `lm_head` kept by the default skip list;
@@ -36,9 +37,12 @@ from transformers import LlamaForCausalLM  # noqa: E402
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hf_trainer.py"
 BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-LAYERS, STEPS, SEED = 2, 3, 0
-TINY = ["--hidden", "64", "--layers", str(LAYERS), "--heads", "4", "--seq-len", "32", "--batch-size", "4",
+STEPS, SEED = 3, 0
+TINY = ["--hidden", "64", "--heads", "4", "--seq-len", "32", "--batch-size", "4",
         "--steps", str(STEPS), "--max-bytes", "65536", "--seed", str(SEED)]
+# Blocks per run: a whole-model compile's time grows with them; regional needs two to share a graph.
+LAYERS = {False: 1, True: 2}
+SWITCH_LAYERS = 2  # the precision-switch tests (fp4_eager, nothing generated)
 
 
 def _load_example():
@@ -57,7 +61,8 @@ example = _load_example()
 def run(request, tmp_path_factory):
     recipe, regional = request.param
     out = tmp_path_factory.mktemp(f"hf-{recipe}")
-    argv = [*TINY, "--recipe", recipe, "--out", str(out)] + (["--regional"] if regional else [])
+    argv = [*TINY, "--layers", str(LAYERS[regional]), "--recipe", recipe, "--out", str(out)]
+    argv += ["--regional"] if regional else []
     return recipe, regional, example.main(argv)
 
 
@@ -70,14 +75,14 @@ def test_report_quantizes_every_block_linear_and_keeps_lm_head(run):
     if regional:
         # One graph serves both blocks (a second compile would add a report);
         # its sites are named relative to the block.
-        assert [block._compiled_call_impl is not None for block in result.model.model.layers] == [True] * LAYERS
+        assert [block._compiled_call_impl is not None for block in result.model.model.layers] == [True] * LAYERS[True]
         assert len(result.reports) == 1
         decisions = {site.module_path: (site.quantized, site.reason) for site in result.reports[0].sites}
         assert decisions == {name: (True, "") for name in BLOCK_LINEARS}
     else:
         assert len(result.reports) == 1  # one graph for the whole model: no graph break
         decisions = {site.module_path: (site.quantized, site.reason) for site in result.reports[0].sites}
-        expected = {f"model.layers.{i}.{name}": (True, "") for i in range(LAYERS) for name in BLOCK_LINEARS}
+        expected = {f"model.layers.{i}.{name}": (True, "") for i in range(LAYERS[False]) for name in BLOCK_LINEARS}
         expected["lm_head"] = (False, "skip list (lm_head)")
         assert decisions == expected
 
@@ -94,7 +99,7 @@ def test_trainer_logs_a_finite_loss_every_step(run):
 
 @pytest.mark.slow
 def test_checkpoint_reloads_into_plain_transformers_with_identical_values(run):
-    _, _, result = run
+    _, regional, result = run
     reloaded = LlamaForCausalLM.from_pretrained(result.checkpoint)
     assert reloaded._compiled_call_impl is None  # plain, uncompiled
     trained, loaded = result.model.state_dict(), reloaded.state_dict()
@@ -102,7 +107,7 @@ def test_checkpoint_reloads_into_plain_transformers_with_identical_values(run):
     for key, value in trained.items():
         assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value), key
     # Training moved the block weights, so the equality above is of trained values.
-    initial = example.build_model(64, LAYERS, 4, 32, SEED).state_dict()
+    initial = example.build_model(64, LAYERS[regional], 4, 32, SEED).state_dict()
     assert not torch.equal(initial["model.layers.0.self_attn.q_proj.weight"],
                            trained["model.layers.0.self_attn.q_proj.weight"])
 
@@ -169,7 +174,7 @@ def test_precision_switch_callback_recompiles_the_trainers_model(tmp_path):
     import fp4compile
     from fp4compile.precision_switch import clear_switch_events
 
-    model = example.build_model(64, LAYERS, 4, 32, SEED)
+    model = example.build_model(64, SWITCH_LAYERS, 4, 32, SEED)
     fp4compile.reset()
     clear_switch_events()
     model.compile(backend="fp4_eager", options={"recipe": "paper"})
@@ -185,7 +190,7 @@ def test_precision_switch_callback_recompiles_the_trainers_model(tmp_path):
         fp4compile.reset()
         clear_switch_events()
     assert [str(e) for e in events] == ["precision switch at step 1: paper -> bf16 (the last 2 of 3 steps)"]
-    expected_sites = LAYERS * len(BLOCK_LINEARS)
+    expected_sites = SWITCH_LAYERS * len(BLOCK_LINEARS)
     assert [(r.config.recipe, len(r.quantized)) for r in reports] == [("paper", expected_sites), ("bf16", 0)]
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == STEPS and all(math.isfinite(loss) for loss in losses), losses
@@ -198,7 +203,7 @@ def test_precision_switch_callback_recompiles_the_trainers_model(tmp_path):
 def test_precision_switch_callback_rejects_another_step_count(tmp_path):
     import fp4compile
 
-    model = example.build_model(64, LAYERS, 4, 32, SEED)
+    model = example.build_model(64, SWITCH_LAYERS, 4, 32, SEED)
     switch = fp4compile.PrecisionSwitch(STEPS + 1, 0.5, backend="fp4_eager")
     with pytest.raises(ValueError, match=r"total_steps=4\) but the Trainer runs max_steps=3"):
         _tiny_trainer(model, STEPS, [switch.hf_callback()], tmp_path).train()

@@ -242,20 +242,33 @@ def switch_options(recipe: str) -> tuple[str, dict]:
     return options.pop("recipe"), options
 
 
-def compile_for_recipe(model: torch.nn.Module, recipe: str, backend: str, stats_interval: int = 0):
+def compile_for_recipe(model: torch.nn.Module, recipe: str, backend: str, stats_interval: int = 0,
+                       regional: bool = False):
     """``torch.compile`` the model with the recipe's options (none for stock backends).
 
     ``stats_interval``: FP4 telemetry every N steps (``fp4compile.stats()``); 0 for none.
+    ``regional``: compile each transformer block (``model.layers``) on its own and
+    return ``model`` itself. The blocks are identical, so they share one compiled
+    graph: the compile covers one block instead of the whole model. The embedding,
+    final norm and output head then run uncompiled; the head is not quantized by
+    any recipe (the default skip list), so every quantized layer is still inside a
+    compiled block.
     """
     if backend in BACKENDS_WITHOUT_OPTIONS:
         recipe_options(recipe)  # still reject unknown recipe names
-        return torch.compile(model, backend=backend)
-    options = recipe_options(recipe)
-    # Quality runs compare recipes on every layer: no layer kept in BF16 for speed on CUDA.
-    options["cuda_size_policy"] = False
-    if stats_interval:
-        options["stats_interval"] = stats_interval
-    return torch.compile(model, backend=backend, options=options)
+        kwargs = {"backend": backend}
+    else:
+        options = recipe_options(recipe)
+        # Quality runs compare recipes on every layer: no layer kept in BF16 for speed on CUDA.
+        options["cuda_size_policy"] = False
+        if stats_interval:
+            options["stats_interval"] = stats_interval
+        kwargs = {"backend": backend, "options": options}
+    if not regional:
+        return torch.compile(model, **kwargs)
+    for block in model.layers:
+        block.compile(**kwargs)
+    return model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -313,6 +326,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="steps between checkpoints, 0 for none (default: steps / 10)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--regional",
+        action="store_true",
+        help="compile each transformer block on its own (one graph shared by the blocks, as `make demo` does): "
+        "a shorter compile; the embedding, final norm and unquantized head run uncompiled (default: whole model)",
+    )
     parser.add_argument(
         "--stats-interval",
         type=int,
@@ -566,6 +585,8 @@ def _run_key(args: argparse.Namespace, spec: RunSpec, cfg: TrainConfig, max_byte
         "max_bytes": max_bytes,
         "train": asdict(cfg) | {"adam_betas": list(cfg.adam_betas)},
     }
+    if getattr(args, "regional", False):  # (whole-model runs keep the key they had before --regional)
+        key["regional"] = True
     if spec.recipe in DGE_ONLY_RECIPES:
         key["dge_only"] = recipe_options(DGE_ONLY_RECIPES[spec.recipe])
     if spec.switch_to is not None:  # (plain runs keep the key they had before switches existed)
@@ -634,7 +655,8 @@ def _run_one(
         from fp4compile.training.dge_only import attach_dge_only
 
         attach_dge_only(model, Fp4Config.from_options(recipe_options(DGE_ONLY_RECIPES[recipe])))
-    compiled_forward = compile_for_recipe(model, recipe, args.backend, stats_interval)
+    regional = getattr(args, "regional", False)
+    compiled_forward = compile_for_recipe(model, recipe, args.backend, stats_interval, regional=regional)
     switch = None
     recipe_of = lambda step: recipe  # noqa: E731 - the recipe of a 1-based step
     if spec.switch_to is not None:
@@ -642,7 +664,7 @@ def _run_one(
         if stats_interval:
             to_options["stats_interval"] = stats_interval
         switch = PrecisionSwitch(cfg.steps, spec.switch_last, to_recipe, from_recipe=display_recipe(recipe, float32),
-                                 backend=args.backend, options=to_options,
+                                 backend=args.backend, options=to_options, regional=regional,
                                  to_label=display_recipe(spec.switch_to, float32))
         recipe_of = lambda step: spec.switch_to if step - 1 >= switch.switch_step else recipe  # noqa: E731
         print(f"bench train: {spec.display(float32)} seed {cfg.seed}: {display_recipe(recipe, float32)} for "
@@ -744,6 +766,9 @@ def run(args: argparse.Namespace) -> int:
         specs = _run_specs(recipes, getattr(args, "switch_last", None), getattr(args, "switch_to", "bf16"), lrs)
         if args.seeds < 1:
             raise ValueError("--seeds must be at least 1")
+        if getattr(args, "regional", False) and getattr(args, "switch_last", None) is not None and args.backend != "fp4":
+            raise ValueError("--regional with --switch-last needs --backend fp4 (the switch recompiles the blocks "
+                             "through fp4compile.compile_model)")
         model_config = preset(args.preset)
         defaults = PRESET_TRAINING[args.preset]
         device = _resolve_device(args.device)
@@ -802,6 +827,7 @@ def run(args: argparse.Namespace) -> int:
         "preset": args.preset,
         "parameters": param_count_of_preset(args.preset),
         "backend": args.backend,
+        "regional": getattr(args, "regional", False),
         "device": str(device),
         "train": configs[seeds[0]],
         "seeds": seeds,
@@ -997,7 +1023,9 @@ def render_summary_markdown(rows: list[dict], context: dict, sweep: list[dict] |
         f"# Training benchmark: preset `{context['preset']}`",
         "",
         f"- Machine: {_machine_description(context['device'])}; device {context['device']}; "
-        f"torch {torch.__version__}; backend `{context['backend']}`; wall time {context['wall_time_s']:.1f} s.",
+        f"torch {torch.__version__}; backend `{context['backend']}`"
+        + (", compiled block by block" if context.get("regional") else "")
+        + f"; wall time {context['wall_time_s']:.1f} s.",
         f"- Regime: {context['parameters'] / 1e6:.2f}M parameters, {tokens / 1e6:.2f}M training tokens, "
         f"{tokens / context['parameters']:.2f} tokens per parameter.",
         f"- Training: {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} bytes, AdamW "
