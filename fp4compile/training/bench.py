@@ -34,6 +34,12 @@ named ``<recipe>_lr<rate>``) and reports each recipe's best rate and its gap,
 best rate against the baseline's best rate; ``gap_curves.png`` plots each run's
 paired validation gap to the baseline over training (seed band shaded).
 
+``--regional`` compiles each transformer block on its own instead of the whole
+model: the blocks share one compiled graph, so a cold compile covers one block
+(the embedding, final norm and unquantized head run uncompiled). Its runs carry
+``regional`` in their resume key, so they never resume or pair with
+whole-model runs in the same ``--out``.
+
 Honest labels: with autocast float32 (the default on CPU) the ``bf16`` recipe
 computes in float32; tables, plot legends and printed lines then call it
 "float32 (bf16 recipe on CPU)" (file names and JSON keys keep ``bf16``).
