@@ -772,7 +772,8 @@ def run(args: argparse.Namespace) -> int:
         specs = _run_specs(recipes, getattr(args, "switch_last", None), getattr(args, "switch_to", "bf16"), lrs)
         if args.seeds < 1:
             raise ValueError("--seeds must be at least 1")
-        if getattr(args, "regional", False) and getattr(args, "switch_last", None) is not None and args.backend != "fp4":
+        switching = getattr(args, "switch_last", None) is not None
+        if getattr(args, "regional", False) and switching and args.backend != "fp4":
             raise ValueError("--regional with --switch-last needs --backend fp4 (the switch recompiles the blocks "
                              "through fp4compile.compile_model)")
         model_config = preset(args.preset)
