@@ -359,20 +359,19 @@ def main() -> None:
         for name in args.configs:
             out = args.out / name
             out.mkdir(parents=True, exist_ok=True)
+            save_checkpoint = name == CKPT_CONFIG and not args.no_checkpoint
+            runners = {
+                "ddp": lambda: run_ddp(out, args.backend, CONFIGS[name], rank, world, args.layers,
+                                       args.ddp_bucket_mb),
+                "fsdp2": lambda: run_fsdp2(out, args.backend, CONFIGS[name], rank, world, args.layers,
+                                           save_checkpoint),
+            }
             result = {"world": world, "seconds": {}}
-            if "ddp" in modes:
+            for mode in (m for m in runners if m in modes):  # DDP first, whatever the order in --modes
                 t0 = time.perf_counter()
-                result["ddp"] = run_ddp(out, args.backend, CONFIGS[name], rank, world, args.layers,
-                                        args.ddp_bucket_mb)
+                result[mode] = runners[mode]()
                 dist.barrier()
-                result["seconds"]["ddp"] = time.perf_counter() - t0
-            if "fsdp2" in modes:
-                t0 = time.perf_counter()
-                save_checkpoint = name == CKPT_CONFIG and not args.no_checkpoint
-                result["fsdp2"] = run_fsdp2(out, args.backend, CONFIGS[name], rank, world, args.layers,
-                                            save_checkpoint)
-                dist.barrier()
-                result["seconds"]["fsdp2"] = time.perf_counter() - t0
+                result["seconds"][mode] = time.perf_counter() - t0
             (out / f"dist_rank{rank}.json").write_text(json.dumps(result, indent=1))
     finally:
         dist.destroy_process_group()
