@@ -1,4 +1,4 @@
-"""The CPU lowering's OCC thresholds by selection equal the runtime's top-k ones, bit for bit."""
+"""The CPU lowering's OCC thresholds from the row kernel equal the runtime's top-k ones, bit for bit."""
 from __future__ import annotations
 
 import zlib
@@ -7,20 +7,19 @@ import pytest
 import torch
 
 from fp4compile.lowering.cpu import compensated_activation_op
-from fp4compile.lowering.cpu_thresholds import (
-    MAX_SELECTED,
-    cpu_occ_thresholds,
-    largest_with_multiplicity,
-    uses_selection,
-)
+from fp4compile.lowering import cpu_row_extremes
+from fp4compile.lowering.cpu_row_extremes import row_extremes
+from fp4compile.lowering.cpu_thresholds import cpu_occ_thresholds, uses_kernel
 from fp4compile.runtime.occ import alpha_fraction, occ_split, occ_thresholds, outliers_per_side
 from fp4compile.runtime.quantize import quantize
 
-from .code_markers import occ_selection_in_code
+from .code_markers import occ_kernel_in_code
 
-ALPHAS = (0.99, 0.97, 0.9, 0.999)
-# Row widths, odd ones included; each alpha takes those on its selection path (c + 1 <= MAX_SELECTED).
-WIDTHS = (1, 2, 3, 7, 16, 33, 64, 100, 256, 384, 704, 1000)
+ALPHAS = (0.99, 0.97, 0.9, 0.999, 0.5)
+# Row widths, odd ones included. Over the alphas, k = c + 1 runs from 1 to 768, through
+# every lane count of the kernel (16, 32, 64, 128 lanes), rows narrower than one
+# stride of lanes, and tails that fill no lane's whole stride.
+WIDTHS = (1, 2, 3, 7, 16, 33, 64, 100, 256, 384, 704, 1000, 1536)
 
 
 def _rows(kind: str, shape, dtype, generator):
@@ -44,18 +43,26 @@ def _rows(kind: str, shape, dtype, generator):
     if kind == "constant":  # rows of one value (zero among them)
         values = torch.randint(-2, 3, shape[:-1] + (1,), generator=generator).to(dtype)
         return values.expand(shape).clone()
+    if kind == "channels":  # outlier channels 16 apart: one lane of the kernel holds them all (its rescan)
+        x = torch.randn(shape, generator=generator, dtype=dtype)
+        x[..., ::16] *= 50
+        x[..., 5::32] *= -50
+        return x
+    if kind == "sorted":  # ascending and descending rows: every value enters a lane's list
+        x = torch.randn(shape, generator=generator, dtype=dtype).sort(dim=-1).values
+        x[..., 1::2, :] = x[..., 1::2, :].flip(-1)
+        return x
     raise ValueError(kind)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("kind", ["normal", "ties", "heavy", "nan", "constant"])
-def test_selection_equals_topk_thresholds(kind, dtype):
+@pytest.mark.parametrize("kind", ["normal", "ties", "heavy", "nan", "constant", "channels", "sorted"])
+def test_kernel_equals_topk_thresholds(kind, dtype):
+    assert uses_kernel("row")  # the kernel built here: the comparison below is not top-k against itself
     generator = torch.Generator().manual_seed(zlib.crc32(f"{kind} {dtype}".encode()))
     for alpha in ALPHAS:
         num, den = alpha_fraction(alpha)
-        widths = [n for n in WIDTHS if uses_selection(n, num, den, "row")]
-        assert len(widths) >= 6, (alpha, widths)  # the test exercises the selection on many widths
-        for n in widths:
+        for n in WIDTHS:
             x = _rows(kind, (3, 5, n), dtype, generator)
             expected = occ_thresholds(x, num, den, "row")
             got = cpu_occ_thresholds(x, num, den, "row")
@@ -65,14 +72,40 @@ def test_selection_equals_topk_thresholds(kind, dtype):
                 torch.testing.assert_close(g, e, rtol=0, atol=0, equal_nan=True, msg=f"{kind} {alpha} {n}")
 
 
-def test_kth_largest_counts_multiplicity_against_sorting():
+def test_row_extremes_count_multiplicity_against_sorting():
+    """Every k of rows with heavy ties, against a sort: positions k - 1 and k from each end."""
     generator = torch.Generator().manual_seed(7)
-    x = torch.randint(0, 5, (200, 12), generator=generator).double()
-    ordered = x.sort(dim=-1, descending=True).values
-    for k in range(1, 11):
-        previous, kth = largest_with_multiplicity(x, k, nan_first=True)
-        assert torch.equal(kth[..., 0], ordered[:, k - 1])
-        assert torch.equal(previous[..., 0], ordered[:, max(k - 2, 0)])
+    for n in (12, 40, 300):
+        x = torch.randint(0, 5, (200, n), generator=generator).double()
+        descending = x.sort(dim=-1, descending=True).values
+        ascending = x.sort(dim=-1).values
+        for k in range(1, n + 1):
+            top, bottom = row_extremes(x, k)
+            previous = max(k - 2, 0)
+            assert torch.equal(top, descending[:, [previous, k - 1]]), (n, k)
+            assert torch.equal(bottom, ascending[:, [previous, k - 1]]), (n, k)
+
+
+def test_row_extremes_rejects_what_it_cannot_compute():
+    with pytest.raises(ValueError, match="outside 1..8"):
+        row_extremes(torch.randn(3, 8), 9)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        row_extremes(torch.randn(3, 8).half(), 2)
+
+
+def test_without_the_kernel_the_thresholds_come_from_topk(monkeypatch):
+    """A machine where the kernel does not build: one warning, then the reference's top-k, same values."""
+    num, den = alpha_fraction(0.99)
+    x = torch.randn(4, 704, generator=torch.Generator().manual_seed(4))
+    monkeypatch.setattr(cpu_row_extremes, "_compiler", lambda: "/nonexistent/c++")
+    cpu_row_extremes._library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="did not build.*uses top-k"):
+            assert not uses_kernel("row")
+        for e, g in zip(occ_thresholds(x, num, den, "row"), cpu_occ_thresholds(x, num, den, "row")):
+            assert torch.equal(e, g)
+    finally:
+        cpu_row_extremes._library.cache_clear()
 
 
 def test_nan_is_ordered_as_topk_orders_it():
@@ -98,21 +131,16 @@ def test_nan_is_ordered_as_topk_orders_it():
     assert x_comp[1].isnan().sum() == 1  # NaN stays NaN, where it was
 
 
-def test_wide_rows_and_tensor_scope_keep_topk():
+def test_tensor_scope_keeps_topk():
+    assert uses_kernel("row") and not uses_kernel("tensor")
     num, den = alpha_fraction(0.99)
-    assert outliers_per_side(1536, num, den) + 1 > MAX_SELECTED
-    assert not uses_selection(1536, num, den, "row")
-    assert not uses_selection(256, num, den, "tensor")
-    x = torch.randn(4, 1536, generator=torch.Generator().manual_seed(5))
-    for e, g in zip(occ_thresholds(x, num, den, "row"), cpu_occ_thresholds(x, num, den, "row")):
-        assert torch.equal(e, g)
     y = torch.randn(4, 256, generator=torch.Generator().manual_seed(6))
     for e, g in zip(occ_thresholds(y, num, den, "tensor"), cpu_occ_thresholds(y, num, den, "tensor")):
         assert torch.equal(e, g)
 
 
-def test_inductor_code_selects_without_topk_and_equals_the_reference():
-    """Compiled by Inductor: no ATen top-k call is left, and the thresholds are the reference's."""
+def test_inductor_code_calls_the_kernel_without_topk_and_equals_the_reference():
+    """Compiled by Inductor: one extern call to the kernel, no ATen top-k, the reference's thresholds."""
     from torch._inductor.utils import run_and_get_code
 
     num, den = alpha_fraction(0.99)
@@ -128,7 +156,7 @@ def test_inductor_code_selects_without_topk_and_equals_the_reference():
     x[7, :4] = float("nan")
     x[9, 100] = float("nan")
     got, code = run_and_get_code(compiled, x)
-    assert occ_selection_in_code("\n".join(code))
+    assert occ_kernel_in_code("\n".join(code))
     torch.testing.assert_close(got, torch.cat(occ_thresholds(x, num, den, "row"), dim=-1), rtol=0, atol=0,
                                equal_nan=True)
     fresh = torch.randn(96, 704, generator=generator)  # same shape: the same compiled code
@@ -136,7 +164,7 @@ def test_inductor_code_selects_without_topk_and_equals_the_reference():
 
 
 def test_benchmark_script_checks_equality_and_writes_its_table(tmp_path):
-    """`benchmarks/occ_thresholds.py`: runs, checks both forms agree, and records the lowering's choice."""
+    """`benchmarks/occ_thresholds.py`: runs, checks both forms agree, and writes both timings."""
     import importlib.util
     import json
     from pathlib import Path
@@ -149,5 +177,5 @@ def test_benchmark_script_checks_equality_and_writes_its_table(tmp_path):
     assert module.main(["--rows", "8", "--widths", "16,2000", "--repeats", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert [r["width"] for r in result["rows"]] == [16, 2000]
-    assert [r["lowering_selects"] for r in result["rows"]] == [True, False]
-    assert all(r["topk_ms"] > 0 and r["selection_ms"] > 0 for r in result["rows"])
+    assert [r["values_per_side"] for r in result["rows"]] == [2, 21]
+    assert all(r["topk_ms"] > 0 and r["kernel_ms"] > 0 for r in result["rows"])

@@ -15,8 +15,8 @@ gradient; the input gradient is unchanged. Block scales (along K) merge the same
 way on the dequantized values, `x_q * x_s + r`, with a unit scale. The residual
 is the dense `x - x_c`, which Inductor computes inside the kernel that clamps
 and quantizes, so no index tensor is ever built. The clamp thresholds come from
-`cpu_thresholds` (the same values as the runtime's top-k, by selection where
-rows are narrow enough for that to be cheaper).
+`cpu_thresholds` (the same values as the runtime's top-k, from the C++ row
+kernel `fp4compile::row_extremes`).
 
 The merge reorders float32 sums and rounds `r / x_s` once: the lowered graph
 matches the semantic one (`fp4_aot_eager`) to float32 rounding, and exactly in
