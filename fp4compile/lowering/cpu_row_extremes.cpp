@@ -5,8 +5,8 @@
 // at the top, below every number at the bottom). fp4compile/lowering/cpu_row_extremes.py
 // builds this file and registers it as the op `fp4compile::row_extremes`.
 //
-// One vectorized pass keeps, for each of L interleaved lanes (lane j: the values at
-// positions j, j + L, ...), that lane's M largest and M smallest numbers (a branch-free
+// One vectorized pass keeps, for each of L interleaved lanes (L = 16 or 64 for float,
+// 8 or 32 for double; lane j: the values at positions j, j + L, ...), that lane's M largest and M smallest numbers (a branch-free
 // insertion per lane, GCC vector extensions) and its count of numbers. The union of the
 // lanes' lists holds the row's top k unless a lane dropped one of them: a lane drops
 // only values <= its M-th kept value, and the union's k-th largest t bounds the row's
@@ -36,39 +36,56 @@ inline void insert_sorted(T* buf, int64_t& filled, int64_t k, T v, First first) 
   buf[i] = v;
 }
 
-template <typename T, int L>
+// One 64-byte vector: 16 floats or 8 doubles (one AVX-512 register, two AVX2 ones).
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(64)));
+  static constexpr int width = 64 / sizeof(T);
+};
+
+// C vectors of lanes per row step: L = C * width lanes.
+template <typename T, int C>
 void one_row(const T* row, int64_t n, int64_t k, T* hi, T* lo, T* top, T* bottom) {
+  typedef typename Vec<T>::type V;
+  typedef decltype(V{} < V{}) Mask;  // integer lanes, -1 where true
+  constexpr int W = Vec<T>::width, L = C * W;
   const T inf = std::numeric_limits<T>::infinity();
   const T nan = std::numeric_limits<T>::quiet_NaN();
   auto greater = [](T a, T b) { return a > b; };
   auto less = [](T a, T b) { return a < b; };
-  // Per lane: the M largest (lane_hi[0] >= ...) and M smallest numbers; NaN fails
-  // every comparison, so it is never kept, and the lane counts its numbers.
-  typedef T V __attribute__((vector_size(sizeof(T) * L)));
-  using C = decltype(V{} < V{});  // the comparison mask: integer lanes, -1 where true
-  V vhi[M], vlo[M];
-  C vnumbers = C{} ;
-  for (int s = 0; s < M; ++s) { vhi[s] = V{} - inf; vlo[s] = V{} + inf; }
+  // Per lane: the M largest (vhi[0] >= vhi[1] ...) and M smallest numbers, by a
+  // branch-free insertion; NaN fails every comparison, so it is never kept, and
+  // each lane counts its numbers (a mask is -1 where true).
+  V vhi[M][C], vlo[M][C];
+  Mask vnumbers[C];
+  for (int c = 0; c < C; ++c) {
+    vnumbers[c] = Mask{};
+    for (int s = 0; s < M; ++s) { vhi[s][c] = V{} - inf; vlo[s][c] = V{} + inf; }
+  }
   const int64_t full = n - n % L;
   for (int64_t i = 0; i < full; i += L) {
-    V up;
-    std::memcpy(&up, row + i, sizeof(V));
-    V down = up;
-    vnumbers -= up == up;
-    for (int s = 0; s < M; ++s) {
-      const C into_hi = up > vhi[s], into_lo = down < vlo[s];
-      const V h = vhi[s], l = vlo[s];
-      vhi[s] = into_hi ? up : h;
-      up = into_hi ? h : up;
-      vlo[s] = into_lo ? down : l;
-      down = into_lo ? l : down;
+    for (int c = 0; c < C; ++c) {
+      V up;
+      std::memcpy(&up, row + i + c * W, sizeof(V));
+      V down = up;
+      vnumbers[c] -= up == up;
+      for (int s = 0; s < M; ++s) {
+        const V h = vhi[s][c], l = vlo[s][c];
+        const Mask into_hi = up > h, into_lo = down < l;
+        vhi[s][c] = into_hi ? up : h;
+        up = into_hi ? h : up;
+        vlo[s][c] = into_lo ? down : l;
+        down = into_lo ? l : down;
+      }
     }
   }
   T lane_hi[M][L], lane_lo[M][L];
   int64_t lane_numbers[L];
-  for (int j = 0; j < L; ++j) {
-    for (int s = 0; s < M; ++s) { lane_hi[s][j] = vhi[s][j]; lane_lo[s][j] = vlo[s][j]; }
-    lane_numbers[j] = vnumbers[j];
+  for (int c = 0; c < C; ++c) {
+    for (int w = 0; w < W; ++w) {
+      for (int s = 0; s < M; ++s) { lane_hi[s][c * W + w] = vhi[s][c][w]; lane_lo[s][c * W + w] = vlo[s][c][w]; }
+      lane_numbers[c * W + w] = vnumbers[c][w];
+    }
   }
   // The union of the lanes' lists, plus the tail that fills no lane's whole stride.
   int64_t filled_hi = 0, filled_lo = 0, nans = 0;
@@ -129,25 +146,24 @@ void one_row(const T* row, int64_t n, int64_t k, T* hi, T* lo, T* top, T* bottom
   }
 }
 
-template <typename T, int L>
+template <typename T, int C>
 void all_rows(const T* x, int64_t rows, int64_t n, int64_t k, T* top, T* bottom, int threads) {
 #pragma omp parallel num_threads(threads)
   {
     std::vector<T> hi(k), lo(k);
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) one_row<T, L>(x + r * n, n, k, hi.data(), lo.data(), top + 2 * r, bottom + 2 * r);
+    for (int64_t r = 0; r < rows; ++r) one_row<T, C>(x + r * n, n, k, hi.data(), lo.data(), top + 2 * r, bottom + 2 * r);
   }
 }
 
 template <typename T>
 int row_extremes(const T* x, int64_t rows, int64_t n, int64_t k, T* top, T* bottom, int threads) {
   if (k < 1 || k > n) return 1;
-  // About k / L of the top k per lane: at most 3/4 keeps a rescan rare (a lane holding
-  // more than M of them) on rows without structure.
-  if (4 * k <= 3 * 16) all_rows<T, 16>(x, rows, n, k, top, bottom, threads);
-  else if (4 * k <= 3 * 32) all_rows<T, 32>(x, rows, n, k, top, bottom, threads);
-  else if (4 * k <= 3 * 64) all_rows<T, 64>(x, rows, n, k, top, bottom, threads);
-  else all_rows<T, 128>(x, rows, n, k, top, bottom, threads);
+  // About k / L of the top k fall in each lane; at most 3/4 keeps rescans (a lane
+  // holding more than M of them) rare on rows without structure. Two variants only
+  // (each one costs build time): one vector of lanes, or four.
+  if (4 * k <= 3 * Vec<T>::width) all_rows<T, 1>(x, rows, n, k, top, bottom, threads);
+  else all_rows<T, 4>(x, rows, n, k, top, bottom, threads);
   return 0;
 }
 

@@ -10,8 +10,8 @@ as `topk` orders it. Inductor calls it as one extern kernel per activation, so
 it adds no generated code to compile; the selection by reductions that it
 replaces made every OCC site some 15-20 s slower to compile on 2 cores.
 
-The kernel is built on first use with Inductor's C++ compiler and vector-ISA
-flags, into Inductor's cache folder, keyed by the source, the flags and the
+The kernel is built on first use (about 2 s of g++) with Inductor's C++ compiler
+and vector-ISA flags, into Inductor's cache folder, keyed by the source, the flags and the
 compiler (so a cache shared between machines rebuilds per ISA). Where no build
 succeeds, `available()` is False and the lowering keeps the top-k reference
 (a warning says so once).
