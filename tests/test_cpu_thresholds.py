@@ -163,6 +163,22 @@ def test_inductor_code_calls_the_kernel_without_topk_and_equals_the_reference():
     assert torch.equal(compiled(fresh), torch.cat(occ_thresholds(fresh, num, den, "row"), dim=-1))
 
 
+def test_symbolic_row_width_calls_the_kernel_in_one_graph():
+    """Compiled with dynamic shapes, the width (and so k) is symbolic: one graph serves every width."""
+    from torch._dynamo.testing import CompileCounter
+
+    num, den = alpha_fraction(0.99)
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: torch.cat(cpu_occ_thresholds(x, num, den, "row"), dim=-1),
+                             backend=counter, dynamic=True)
+    generator = torch.Generator().manual_seed(12)
+    for n in (100, 257, 1000):  # k = 2, 4, 11
+        x = torch.randn(7, n, generator=generator)
+        assert torch.equal(compiled(x), torch.cat(occ_thresholds(x, num, den, "row"), dim=-1)), n
+    assert counter.frame_count == 1
+
+
 def test_benchmark_script_checks_equality_and_writes_its_table(tmp_path):
     """`benchmarks/occ_thresholds.py`: runs, checks both forms agree, and writes both timings."""
     import importlib.util
