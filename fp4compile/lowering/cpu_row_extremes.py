@@ -8,7 +8,7 @@ instead: a small C++ kernel (`cpu_row_extremes.cpp`, one vectorized pass per row
 plus a rare exact rescan) that returns the same floats, bit for bit, NaN ordered
 as `topk` orders it. Inductor calls it as one extern kernel per activation, so
 it adds no generated code to compile; the selection by reductions that it
-replaces made every OCC site some 15-20 s slower to compile on 2 cores.
+replaces made each OCC site up to 20 s slower to compile on 2 cores.
 
 The kernel is built on first use (about 2 s of g++) with Inductor's C++ compiler
 and vector-ISA flags, into Inductor's cache folder, keyed by the source, the flags and the
