@@ -107,26 +107,26 @@ void one_row(const T* row, int64_t n, int64_t k, T* hi, T* lo, T* top, T* bottom
   // and then dropped nothing. The bounds are -inf/+inf until k values are in.
   const T hi_bound = filled_hi == k ? hi[k - 1] : -inf;
   const T lo_bound = filled_lo == k ? lo[k - 1] : inf;
-  bool redo_hi = false, redo_lo = false;
+  bool scan_hi[L], scan_lo[L], redo_hi = false, redo_lo = false;
   for (int j = 0; j < L; ++j) {
     const bool dropped = lane_numbers[j] > M;
-    redo_hi |= dropped && lane_hi[M - 1][j] >= hi_bound;
-    redo_lo |= dropped && lane_lo[M - 1][j] <= lo_bound;
+    scan_hi[j] = dropped && lane_hi[M - 1][j] >= hi_bound;
+    scan_lo[j] = dropped && lane_lo[M - 1][j] <= lo_bound;
+    redo_hi |= scan_hi[j];
+    redo_lo |= scan_lo[j];
   }
   if (redo_hi || redo_lo) {
+    // Rebuild a side that needs it: the other lanes' lists, then every value of the scanned lanes.
     if (redo_hi) filled_hi = 0;
     if (redo_lo) filled_lo = 0;
     for (int j = 0; j < L; ++j) {
-      const bool dropped = lane_numbers[j] > M;
-      const bool scan_hi = redo_hi && dropped && lane_hi[M - 1][j] >= hi_bound;
-      const bool scan_lo = redo_lo && dropped && lane_lo[M - 1][j] <= lo_bound;
-      if (redo_hi && !scan_hi) for (int s = 0; s < M; ++s) insert_sorted(hi, filled_hi, k, lane_hi[s][j], greater);
-      if (redo_lo && !scan_lo) for (int s = 0; s < M; ++s) insert_sorted(lo, filled_lo, k, lane_lo[s][j], less);
-      if (scan_hi || scan_lo) {
+      if (redo_hi && !scan_hi[j]) for (int s = 0; s < M; ++s) insert_sorted(hi, filled_hi, k, lane_hi[s][j], greater);
+      if (redo_lo && !scan_lo[j]) for (int s = 0; s < M; ++s) insert_sorted(lo, filled_lo, k, lane_lo[s][j], less);
+      if (scan_hi[j] || scan_lo[j]) {
         for (int64_t i = j; i < full; i += L) {
           const T v = row[i];
-          if (scan_hi) insert_sorted(hi, filled_hi, k, v, greater);  // NaN: never first, never inserted
-          if (scan_lo) insert_sorted(lo, filled_lo, k, v, less);
+          if (scan_hi[j]) insert_sorted(hi, filled_hi, k, v, greater);  // NaN: never inserted
+          if (scan_lo[j]) insert_sorted(lo, filled_lo, k, v, less);
         }
       }
     }

@@ -88,7 +88,7 @@ def _library():
                 continue
             os.replace(partial, target)
         library = ctypes.CDLL(str(target))
-        for name, ctype in zip(_DTYPES.values(), (ctypes.c_float, ctypes.c_double)):
+        for name in _DTYPES.values():
             fn = getattr(library, name)
             fn.restype = ctypes.c_int
             fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
@@ -121,8 +121,7 @@ def row_extremes(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if library is None:
         raise RuntimeError("row_extremes: the CPU kernel is not available (see the build warning)")
     x = x.contiguous()
-    top = x.new_empty(x.shape[:-1] + (2,))
-    bottom = x.new_empty(x.shape[:-1] + (2,))
+    top, bottom = _outputs(x)
     rows = x.numel() // n
     if rows:
         status = getattr(library, _DTYPES[x.dtype])(x.data_ptr(), rows, n, k, top.data_ptr(), bottom.data_ptr(),
@@ -132,6 +131,11 @@ def row_extremes(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return top, bottom
 
 
+def _outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's two results, empty: [..., 2] each, x's dtype and device."""
+    return x.new_empty(x.shape[:-1] + (2,)), x.new_empty(x.shape[:-1] + (2,))
+
+
 @row_extremes.register_fake
 def _(x, k):
-    return x.new_empty(x.shape[:-1] + (2,)), x.new_empty(x.shape[:-1] + (2,))
+    return _outputs(x)
