@@ -82,6 +82,69 @@ def round_fp8(v: torch.Tensor, fmt: str) -> torch.Tensor:
     return clipped.to(FP8_DTYPES[fmt]).to(v.dtype)
 
 
+# Bit layout of the compute dtypes (`quantize.compute_dtype`): the integer dtype
+# of the same width, the mantissa bits and the exponent bias.
+_FLOAT_LAYOUT = {torch.float32: (torch.int32, 23, 127), torch.float64: (torch.int64, 52, 1023)}
+
+
+def _layout(a: torch.Tensor, what: str):
+    try:
+        return _FLOAT_LAYOUT[a.dtype]
+    except KeyError:
+        raise ValueError(f"{what} takes float32 or float64 values (the compute dtypes), got {a.dtype}") from None
+
+
+def _lift_subnormals(a: torch.Tensor, mantissa_bits: int):
+    """(a_n, lifted): subnormal magnitudes times 2**(mantissa_bits + 1), into the normal range.
+
+    A power-of-two product is exact, and every subnormal lands in a normal
+    binade, so the exponent field of a_n is its true binade.
+    """
+    lifted = a < torch.finfo(a.dtype).tiny
+    return torch.where(lifted, a * 2.0 ** (mantissa_bits + 1), a), lifted
+
+
+def floor_log2(a: torch.Tensor) -> torch.Tensor:
+    """floor(log2(a)) of magnitudes `a` > 0 (float32 or float64), as an integer tensor, exactly.
+
+    Read from the bit pattern: the exponent field less the bias, subnormals
+    lifted into the normal range first. The same values as `torch.frexp(a)[1] - 1`,
+    but integer and comparison ops only: Inductor's C++ backend vectorizes them,
+    while it runs frexp element by element (and, on a per-tensor value, once
+    per vector iteration of every consumer loop, as a libm call).
+    Zero gives a value below every subnormal binade (-bias - mantissa bits - 1);
+    Inf and NaN give bias + 1. Callers clamp or mask those.
+    """
+    int_dtype, mantissa_bits, bias = _layout(a, "floor_log2")
+    a_n, lifted = _lift_subnormals(a.abs(), mantissa_bits)
+    exponent_field = (a_n.view(int_dtype) >> mantissa_bits) & (2 * bias + 1)
+    return exponent_field - bias - torch.where(lifted, mantissa_bits + 1, 0).to(int_dtype)
+
+
+def power_of_two_ceil(r: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two >= r, for r >= 0 (float32 or float64), exactly; 0, Inf and NaN pass through.
+
+    On the bit pattern: adding the all-ones mantissa to a finite r carries into
+    the exponent unless r's mantissa field is zero (r is a power of two already),
+    and clearing the mantissa then leaves the power of two (Inf past the largest
+    binade, as exp2 overflows). Subnormals are lifted into the normal range and
+    scaled back, both exact. About ten vectorizable ops (see `floor_log2`).
+    """
+    int_dtype, mantissa_bits, _ = _layout(r, "power_of_two_ceil")
+    finite = r < float("inf")  # False for Inf and NaN, which would carry out of the exponent field
+    r_n, lifted = _lift_subnormals(torch.where(finite, r, torch.zeros_like(r)), mantissa_bits)
+    mantissa_mask = (1 << mantissa_bits) - 1
+    up = ((r_n.view(int_dtype) + mantissa_mask) & ~mantissa_mask).view(r.dtype)
+    up = torch.where(lifted, up * 2.0 ** -(mantissa_bits + 1), up)
+    return torch.where(finite, up, r)
+
+
+def power_of_two(exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2**exponent for integer exponents in the normal range of `dtype`, built from bits (exact)."""
+    int_dtype, mantissa_bits, bias = _FLOAT_LAYOUT[dtype]
+    return ((exponent.to(int_dtype) + bias) << mantissa_bits).view(dtype)
+
+
 # (mantissa bits, exponent of the smallest normal binade) of the FP8 grids: in the
 # binade [2**e, 2**(e+1)) the spacing is 2**(e - mantissa_bits); below the smallest
 # normal 2**e_min (subnormals, and 0) it stays 2**(e_min - mantissa_bits).
@@ -102,12 +165,12 @@ def _neighbours(a: torch.Tensor, fmt: str):
         units = a / spacing
     else:
         mantissa_bits, e_min = _FP8_GRID[fmt]
-        # frexp: a = m * 2**exp with m in [0.5, 1), so floor(log2(a)) = exp - 1
-        # (0 gives exp 0, which the clamp to e_min sends to the subnormal spacing).
-        _, exponent = torch.frexp(a)
-        spacing_exp = (exponent - 1).clamp(min=e_min) - mantissa_bits
-        spacing = torch.ldexp(torch.ones_like(a), spacing_exp)
-        units = torch.ldexp(a, -spacing_exp)
+        # The binade's exponent, clamped to the smallest normal one (0 and the
+        # format's subnormals share its spacing). Inf and NaN get a huge but
+        # finite spacing: their fraction is NaN, and the caller saturates them.
+        spacing_exp = floor_log2(a).clamp(min=e_min) - mantissa_bits
+        spacing = power_of_two(spacing_exp, a.dtype)
+        units = a / spacing
     lo_units = torch.floor(units)
     return lo_units * spacing, spacing, units - lo_units
 

@@ -14,8 +14,10 @@ from .formats import (
     FORMAT_MAX,
     ROUNDING_FORMATS,
     ROUNDING_MODES,
+    floor_log2,
     is_inf,
     is_nan,
+    power_of_two_ceil,
     round_fp8,
     round_to_format,
 )
@@ -179,9 +181,8 @@ def quantize(
         scale = power_of_two_scale(amax, fmax)
         values = round_to_format(blocks / scale, fmt, rounding, block_noise)
     elif granularity == "block32":
-        # frexp: amax = m * 2**e with m in [0.5, 1), so floor(log2(amax)) = e - 1 exactly.
-        _, exponent = torch.frexp(amax)
-        shared_exp = (exponent - 1 - _EMAX_ELEMENT[fmt]).clamp(-127, 127)
+        # floor(log2(amax)) exactly, from the bits (a zero amax clamps to -127; _finish_scale sets it to 1).
+        shared_exp = (floor_log2(amax) - _EMAX_ELEMENT[fmt]).clamp(-127, 127)
         scale = torch.exp2(shared_exp.to(amax.dtype))
         scale = _finish_scale(scale, amax)
         values = round_to_format(blocks / scale, fmt, rounding, block_noise)
@@ -289,13 +290,13 @@ def quantize_gradient(
 
 
 def power_of_two_scale(amax: torch.Tensor, fmax: float) -> torch.Tensor:
-    """Smallest power of two >= amax / fmax (1 for zero amax, Inf for infinite amax).
+    """Smallest power of two >= amax / fmax (1 for zero amax, Inf for infinite amax, NaN for NaN).
 
-    frexp gives amax / fmax = m * 2**e with m in [0.5, 1): the answer is 2**e,
-    or 2**(e - 1) when m is exactly 0.5 (already a power of two). Exact, unlike log2.
+    `power_of_two_ceil` on the bit pattern: exact, unlike log2, and vectorizable,
+    unlike frexp, which Inductor's C++ backend calls as libm functions, once per
+    vector iteration of each consumer loop for a per-tensor scale. A ratio that
+    underflows to 0 (an amax too small to divide) gives 1, as frexp(0) did.
     """
-    ratio = amax / fmax
-    mantissa, exponent = torch.frexp(ratio)
-    exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
-    scale = torch.exp2(exponent.to(ratio.dtype))
-    return _finish_scale(scale, amax)
+    # Inf and NaN pass through power_of_two_ceil; zero is the one rule left.
+    scale = power_of_two_ceil(amax / fmax)
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
