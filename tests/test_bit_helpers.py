@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fp4compile.runtime.formats import floor_log2, power_of_two, power_of_two_ceil, stochastic_round
-from fp4compile.runtime.quantize import power_of_two_scale, quantize_gradient
+from fp4compile.runtime.quantize import divide_by_power_of_two, power_of_two_scale, quantize_gradient
 
 # (smallest subnormal exponent, largest finite binade exponent) per dtype.
 _RANGE = {torch.float32: (-149, 127), torch.float64: (-1074, 1023)}
@@ -97,6 +97,26 @@ def test_power_of_two_scale_rules(fmax, dtype):
     assert power_of_two_scale(amax, fmax).tolist() == expected
     special = power_of_two_scale(torch.tensor([0.0, float("inf"), float("nan")], dtype=dtype), fmax).tolist()
     assert special[:2] == [1.0, float("inf")] and math.isnan(special[2])  # NaN stays NaN
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_division_by_a_power_of_two_as_products_gives_the_quotients_bits(dtype):
+    # Every power-of-two scale of the dtype, subnormal ones included, against quotients
+    # from far below the subnormal range up to the E5M2 max (and 0, -0, NaN, Inf).
+    gen = torch.Generator().manual_seed(6)
+    lo, hi = _RANGE[dtype]
+    specials = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf")], dtype=dtype)
+    for e in range(lo, hi + 1):
+        scale = torch.tensor([math.ldexp(1.0, e)], dtype=torch.float64)
+        quotients = torch.exp2(torch.randint(-170, 17, (64,), generator=gen).double()) * torch.randn(64, generator=gen,
+                                                                                                  dtype=torch.float64)
+        x = torch.cat([(quotients * scale).to(dtype), specials])
+        scale = scale.to(dtype)
+        assert _same_bits(divide_by_power_of_two(x, scale), x / scale), e
+    x = torch.cat([torch.randn(8, generator=gen, dtype=torch.float64).to(dtype), specials])
+    for special in (1.0, float("inf"), float("nan")):
+        scale = torch.tensor([special], dtype=dtype)
+        assert _same_bits(divide_by_power_of_two(x, scale), x / scale)
 
 
 def test_other_dtypes_get_a_clear_error():
