@@ -296,7 +296,8 @@ def divide_by_power_of_two(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
     computes the reciprocal's scalar once per vector iteration, not per element.
     Multiplying by 1 / scale is exact when that reciprocal is a normal power of
     two; for a tiny scale (below 2**-100, where 1 / scale could overflow) x is
-    first multiplied by 2**64, exactly: such a scale means |x| < 57344 * 2**-100.
+    first multiplied by 2**64, exactly (in `quantize_gradient` such a scale means
+    |x| < 57344 * 2**-100; elsewhere, where x * 2**64 overflows, x / scale does too).
     Each product then rounds the exact quotient once, as the division does
     (subnormal quotients included); Inf gives 0 and NaN stays NaN, as dividing does.
     """
