@@ -46,6 +46,18 @@ def is_inf(v: torch.Tensor) -> torch.Tensor:
     return v.abs() == float("inf")
 
 
+def _e2m1_spacing(a: torch.Tensor):
+    """(spacing, 1 / spacing) of the E2M1 grid at magnitudes `a`: 0.5 below 2, 1 in [2, 4), 2 from 4 up.
+
+    Callers multiply by the reciprocal instead of dividing by the spacing: a
+    power-of-two factor that cannot overflow or underflow here (exact), where a
+    vector division costs about twenty products.
+    """
+    spacing = torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0)).to(a.dtype)
+    per_spacing = torch.where(a < 2.0, 2.0, torch.where(a < 4.0, 1.0, 0.5)).to(a.dtype)
+    return spacing, per_spacing
+
+
 def round_e2m1(v: torch.Tensor) -> torch.Tensor:
     """Round to the nearest E2M1 value, ties to even mantissa, saturating at +-6.
 
@@ -65,10 +77,7 @@ def round_e2m1(v: torch.Tensor) -> torch.Tensor:
     holds it equal to a float64 nearest-value oracle, ties included.
     """
     a = v.abs()
-    spacing = torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))
-    # a / spacing as a product with the reciprocal (2, 1 or 0.5): exact, as a power-of-two
-    # factor that cannot overflow or underflow here, and a vector division costs ~20 products.
-    per_spacing = torch.where(a < 2.0, 2.0, torch.where(a < 4.0, 1.0, 0.5))
+    spacing, per_spacing = _e2m1_spacing(a)
     q = (torch.round(a * per_spacing) * spacing).clamp(max=E2M1_MAX)
     q = torch.copysign(q, v)
     return torch.where(is_nan(v), v, q)
@@ -163,9 +172,8 @@ def _neighbours(a: torch.Tensor, fmt: str):
     few bits, and the fraction is a difference of two nearby floats.
     """
     if fmt == "e2m1":
-        # The three spacings of the E2M1 grid, as `round_e2m1` uses them.
-        spacing = torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0)).to(a.dtype)
-        units = a * torch.where(a < 2.0, 2.0, torch.where(a < 4.0, 1.0, 0.5)).to(a.dtype)  # a / spacing, exactly
+        spacing, per_spacing = _e2m1_spacing(a)
+        units = a * per_spacing  # a / spacing, exactly
     else:
         mantissa_bits, e_min = _FP8_GRID[fmt]
         # The binade's exponent, clamped to the smallest normal one (0 and the
