@@ -139,9 +139,11 @@ def fp4_backend(gm, example_inputs, options=None, mode=None):
     """The product backend: passes, the target's lowering, then AOTAutograd + Inductor."""
     from torch._inductor.compile_fx import compile_fx
 
+    from .lowering import inductor_ops
     from .lowering.cache_key import inductor_config_patches
     from .report import logger
 
+    inductor_ops.register()
     report = prepare(gm, example_inputs, options, "fp4", lower=True)
     config = report.config
     logger.info("fp4compile: compiling graph %d (%d/%d matmul sites quantized, recipe %s) with Inductor; "

@@ -134,6 +134,9 @@ def test_inductor_gives_the_same_bits_without_frexp():
         values, scale = quantize_gradient(g, "e5m2")
         return values, scale, floor_log2(g), stochastic_round(g, "e4m3", noise)
 
+    from fp4compile.lowering import inductor_ops
+
+    inductor_ops.register()  # as backend="fp4" does: the tensor scale is stored once, not inlined
     gen = torch.Generator().manual_seed(4)
     compiled = torch.compile(fn, backend="inductor", dynamic=False)
     for lo, hi in ((-3, 3), (-44, -38), (30, 37)):  # ordinary, subnormal and huge magnitudes
@@ -147,3 +150,15 @@ def test_inductor_gives_the_same_bits_without_frexp():
             assert _same_bits(a, b), (lo, hi)
     text = "\n".join(code)
     assert "cpp_fused" in text and "frexp" not in text and "ldexp" not in text
+    assert "fp4compile.stored" not in text  # lowered into the kernel, not called
+
+
+def test_stored_is_a_copy_with_the_same_bits_and_gradient():
+    """`fp4compile::stored` eagerly: the same values in a new tensor, gradient passed through."""
+    from fp4compile.runtime.stored import stored
+
+    x = torch.tensor([1.5, -0.0, float("nan"), float("inf"), 2.0 ** -140], requires_grad=True)
+    y = stored(x)
+    assert _same_bits(y.detach(), x.detach()) and y.data_ptr() != x.data_ptr()
+    y.backward(torch.arange(5.0))
+    assert torch.equal(x.grad, torch.arange(5.0))

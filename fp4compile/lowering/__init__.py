@@ -9,6 +9,8 @@ decides *how* those nodes run there:
   compensation GEMM, gather or scatter), for Inductor's C++ backend;
 - `cuda`: FP8 tensor-core GEMMs (`cuda_gemm`) and Triton kernels
   (`triton_kernels`);
+- `inductor_ops`: Inductor lowerings of our own ops, for both targets (a
+  per-tensor scale computed once into a buffer);
 - `cache_key`: our source hash in Inductor's cache key.
 
 Only the product backend (`fp4`) lowers; the debug backends `fp4_eager` and

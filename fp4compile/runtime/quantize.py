@@ -21,6 +21,7 @@ from .formats import (
     round_fp8,
     round_to_format,
 )
+from .stored import stored
 
 GRANULARITIES = ("row", "tensor", "block32", "block16", "block16x16")
 _BLOCK_SIZE = {"block32": 32, "block16": 16}
@@ -285,7 +286,9 @@ def quantize_gradient(
         raise ValueError(f"quantize_gradient needs a floating-point tensor, got {g.dtype}")
     g_hp = g.to(compute_dtype(g.dtype))
     noise = _uniform_noise(g_hp, rounding, generator, g_hp.dtype)
-    scale = power_of_two_scale(nan_aware_amax(g_hp), FORMAT_MAX[fmt])
+    # One scalar read by every loop over g (the cast, and in the backward the DGE
+    # and row-scale products): `stored` has compiled code compute it once.
+    scale = stored(power_of_two_scale(nan_aware_amax(g_hp), FORMAT_MAX[fmt]))
     return round_to_format(divide_by_power_of_two(g_hp, scale), fmt, rounding, noise), scale
 
 
