@@ -39,6 +39,29 @@ def test_dge_cap_at_midpoints_and_zero_outside():
     assert math.isinf(dge_grad_scale(torch.tensor([0.25]), clamp=None).item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dge_products_by_the_reciprocal_spacing_give_the_divisions_bits(dtype):
+    """DGE multiplies by 1/d (d = 0.5, 1, 2) where SPEC divides by d: the same bits, everywhere."""
+
+    def spec_form(x, k=5.0, cap=3.0):  # SPEC section 3 as written, with its divisions
+        a = x.abs()
+        a6 = a.clamp(max=6.0)
+        d = torch.where(a6 < 2, 0.5, torch.where(a6 < 4, 1.0, 2.0)).to(dtype)
+        lo = torch.where(a6 < 4, torch.floor(a6 / d) * d, torch.full_like(a6, 4.0))
+        slope = ((2.0 * (a - lo) / d - 1.0).abs().pow(1.0 / k - 1.0) / k).clamp(max=cap)
+        slope = torch.where(a > 6.0, torch.zeros_like(slope), slope)
+        return torch.where(x != x, x, slope)
+
+    gen = torch.Generator().manual_seed(3)
+    tiny = torch.finfo(dtype).tiny * torch.finfo(dtype).eps
+    x = torch.cat([torch.linspace(-7, 7, 100001, dtype=dtype), torch.randn(50000, generator=gen, dtype=dtype) * 3,
+                   torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), tiny, 2.0, 4.0, 6.0], dtype=dtype)])
+    got, want = dge_grad_scale(x), spec_form(x)
+    int_dtype = torch.int32 if dtype == torch.float32 else torch.int64
+    same = (got.view(int_dtype) == want.view(int_dtype)) | (got.isnan() & want.isnan())
+    assert bool(same.all()), x[~same][:5]
+
+
 def test_dge_matches_finite_differences_of_surrogate():
     gen = torch.Generator().manual_seed(0)
     xs = (torch.rand(400, generator=gen, dtype=torch.float64) * 12 - 6)

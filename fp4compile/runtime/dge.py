@@ -13,27 +13,26 @@ from __future__ import annotations
 
 import torch
 
-from .formats import E2M1_MAX, is_nan
+from .formats import E2M1_MAX, _e2m1_spacing, is_nan
 
 
 def _interval(a_abs: torch.Tensor):
-    """Start `a` and width `d` of the E2M1 grid interval holding each magnitude.
+    """Start `a`, width `d` and 1 / d of the E2M1 grid interval holding each magnitude.
 
     Intervals: [0, 2) in steps of 0.5, [2, 4) in steps of 1, [4, 6] one step of 2.
+    d is a power of two, so multiplying by 1 / d gives the quotient's bits
+    exactly, without a vector division per element.
     """
-    half = torch.full_like(a_abs, 0.5)
-    one = torch.ones_like(a_abs)
-    two = torch.full_like(a_abs, 2.0)
-    d = torch.where(a_abs < 2.0, half, torch.where(a_abs < 4.0, one, two))
-    start = torch.where(a_abs < 4.0, torch.floor(a_abs / d) * d, torch.full_like(a_abs, 4.0))
-    return start, d
+    d, per_d = _e2m1_spacing(a_abs)
+    start = torch.where(a_abs < 4.0, torch.floor(a_abs * per_d) * d, torch.full_like(a_abs, 4.0))
+    return start, d, per_d
 
 
 def dge_surrogate(x_scaled: torch.Tensor, k: float = 5.0) -> torch.Tensor:
     """The smooth surrogate f(x) of E2M1 rounding (saturating outside +-6)."""
     a_abs = x_scaled.abs().clamp(max=E2M1_MAX)
-    start, d = _interval(a_abs)
-    t = 2.0 * (a_abs - start) / d - 1.0
+    start, d, per_d = _interval(a_abs)
+    t = 2.0 * (a_abs - start) * per_d - 1.0
     f = start + d / 2.0 * (1.0 + torch.sign(t) * t.abs() ** (1.0 / k))
     return torch.copysign(f, x_scaled)
 
@@ -45,8 +44,8 @@ def dge_grad_scale(x_scaled: torch.Tensor, k: float = 5.0, clamp: float | None =
     0 outside [-6, 6] where the quantizer saturates. NaN stays NaN.
     """
     a_abs = x_scaled.abs()
-    start, d = _interval(a_abs.clamp(max=E2M1_MAX))
-    t = (2.0 * (a_abs - start) / d - 1.0).abs()
+    start, _, per_d = _interval(a_abs.clamp(max=E2M1_MAX))
+    t = (2.0 * (a_abs - start) * per_d - 1.0).abs()
     # |t| ** (1/k - 1) is +inf at t == 0 (the midpoint); the cap makes it finite.
     slope = t.pow(1.0 / k - 1.0) / k
     if clamp is not None:
