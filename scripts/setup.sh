@@ -23,7 +23,7 @@ fi
 
 # Install unless this very checkout is already the installed fp4compile (-I: not
 # the copy in the current directory, the one an import elsewhere would find).
-installed=$($PY -I -c "import os, fp4compile, hypothesis, pytest, xdist, transformers, accelerate; print(os.path.dirname(os.path.dirname(os.path.realpath(fp4compile.__file__))))" 2>/dev/null || true)
+installed=$($PY -I -c "import os, fp4compile, hypothesis, pytest, xdist, transformers, accelerate, tensorboard; print(os.path.dirname(os.path.dirname(os.path.realpath(fp4compile.__file__))))" 2>/dev/null || true)
 if [ "$installed" != "$(pwd -P)" ] || [ "${1:-}" = "--force" ]; then
     $PY -m pip install --quiet -e ".[dev]"
 fi

@@ -297,7 +297,7 @@ def test_tensorboard_scalars(tmp_path):
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     scalars = events.Scalars("fp4/act_underflow/h.0.mlp")
-    assert [(e.step, e.value) for e in scalars] == [(0, 0.25), (10, 0.5)]
+    assert [(e.step, e.value) for e in scalars] == [(0, 0.25), (10, 2.75)]  # 0.25 * (step + 1)
     assert len(events.Tags()["scalars"]) == len(STAT_FIELDS)
 
 
