@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .formats import E2M1_MAX, _e2m1_spacing, is_nan
+from .formats import E2M1_MAX, e2m1_spacing, is_nan
 
 
 def _interval(a_abs: torch.Tensor):
@@ -23,7 +23,7 @@ def _interval(a_abs: torch.Tensor):
     d is a power of two, so multiplying by 1 / d gives the quotient's bits
     exactly, without a vector division per element.
     """
-    d, per_d = _e2m1_spacing(a_abs)
+    d, per_d = e2m1_spacing(a_abs)
     start = torch.where(a_abs < 4.0, torch.floor(a_abs * per_d) * d, torch.full_like(a_abs, 4.0))
     return start, d, per_d
 

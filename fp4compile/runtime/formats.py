@@ -46,7 +46,7 @@ def is_inf(v: torch.Tensor) -> torch.Tensor:
     return v.abs() == float("inf")
 
 
-def _e2m1_spacing(a: torch.Tensor):
+def e2m1_spacing(a: torch.Tensor):
     """(spacing, 1 / spacing) of the E2M1 grid at magnitudes `a`: 0.5 below 2, 1 in [2, 4), 2 from 4 up.
 
     Callers multiply by the reciprocal instead of dividing by the spacing: a
@@ -77,7 +77,7 @@ def round_e2m1(v: torch.Tensor) -> torch.Tensor:
     holds it equal to a float64 nearest-value oracle, ties included.
     """
     a = v.abs()
-    spacing, per_spacing = _e2m1_spacing(a)
+    spacing, per_spacing = e2m1_spacing(a)
     q = (torch.round(a * per_spacing) * spacing).clamp(max=E2M1_MAX)
     q = torch.copysign(q, v)
     return torch.where(is_nan(v), v, q)
@@ -172,7 +172,7 @@ def _neighbours(a: torch.Tensor, fmt: str):
     few bits, and the fraction is a difference of two nearby floats.
     """
     if fmt == "e2m1":
-        spacing, per_spacing = _e2m1_spacing(a)
+        spacing, per_spacing = e2m1_spacing(a)
         units = a * per_spacing  # a / spacing, exactly
     else:
         mantissa_bits, e_min = _FP8_GRID[fmt]
