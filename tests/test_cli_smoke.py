@@ -157,7 +157,10 @@ def test_train_step_small_on_cpu():
     assert set(rows) == {"paper"}, out
     for match in rows.values():
         step_ms, tokens_per_s = float(match.group(2)), int(match.group(3))
-        assert step_ms > 0 and tokens_per_s == pytest.approx(BATCH * SEQ / (step_ms * 1e-3), rel=0.01, abs=1)
+        # The table prints ms/step to 0.1 ms and tokens/s from the unrounded time:
+        # on a fast machine (a 3 ms step) that rounding alone moves the ratio by 1.6%.
+        slowest, fastest = BATCH * SEQ / ((step_ms + 0.05) * 1e-3), BATCH * SEQ / ((step_ms - 0.05) * 1e-3)
+        assert step_ms > 0.05 and slowest - 1 <= tokens_per_s <= fastest + 1, (step_ms, tokens_per_s)
         assert 0 < float(match.group(6)) < float(match.group(5)) < 6  # trains from about ln(256) = 5.55
     one_block = dataclasses.replace(preset("tiny"), n_layers=1)
     assert f"M parameters ({param_count(Llama(one_block)):,})." in out
