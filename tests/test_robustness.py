@@ -57,6 +57,27 @@ def test_nan_and_inf_propagate_never_become_finite():
     assert not torch.isfinite(y).all()
 
 
+@pytest.mark.parametrize("backend", [BACKEND, "fp4"])
+def test_nan_weight_gets_a_nan_gradient_through_dge(backend):
+    """DGE's factor is NaN where the scaled weight is NaN, by propagation alone
+    (runtime/dge.py keeps no NaN mask): under Inductor's generated backward too.
+    The loss leaves out the NaN output column, so dY there is 0 and only the
+    factor can make that weight's gradient NaN; every other gradient stays finite."""
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 16, bias=False)
+    with torch.no_grad():
+        layer.weight[5, 2] = float("nan")
+    compiled = torch.compile(layer, backend=backend, options={"recipe": "paper"})
+    y = compiled(torch.randn(8, 32))
+    keep = [c for c in range(16) if c != 5]
+    y[:, keep].square().sum().backward()
+    grad = layer.weight.grad
+    assert math.isnan(grad[5, 2].item())
+    finite = torch.ones_like(grad, dtype=torch.bool)
+    finite[5, 2] = False
+    assert torch.isfinite(grad[finite]).all()
+
+
 def test_zero_rows_and_tensors_give_zeros_and_finite_gradients():
     torch.manual_seed(0)
     model = MLP()
