@@ -55,5 +55,5 @@ def dge_grad_scale(x_scaled: torch.Tensor, k: float = 5.0, clamp: float | None =
     # mask here: the quantizer's forward already computes that same mask, so
     # the partitioner would save it (one bool per weight) for this backward,
     # and Inductor's C++ backend stores and loads bool vectors element by
-    # element, which cost about 3 ns per weight element each way.
+    # element (storing one cost about 3 ns per weight element, BENCHMARKS.md).
     return torch.where(a_abs > E2M1_MAX, torch.zeros_like(slope), slope)
