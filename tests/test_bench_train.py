@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fp4compile.training import bench as bench_train
+from fp4compile.training import bench_report
 from fp4compile.training.data import load_corpus, split_train_val
 from fp4compile.training.models import preset
 from fp4compile.training import StepRecord, TrainConfig, build_model, lr_at, train
@@ -170,7 +171,7 @@ def test_bench_writes_csvs_plot_and_paired_summary(tmp_path):
     assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
     summary = (tmp_path / "summary.md").read_text()
     # CPU, autocast float32: the bf16 recipe is named for what it computes in.
-    assert ("| recipe | final val loss | gap to float32 (bf16 recipe on CPU) (%) | gap std (%) | gap 95% CI (%) "
+    assert ("| recipe | seeds | final val loss | gap to float32 (bf16 recipe on CPU) (%) | gap std (%) | gap 95% CI (%) "
             "| tokens/s | diverged |") in summary
     assert "| float32 (bf16 recipe on CPU) |" in summary and "| bf16 |" not in summary
     assert "| paper |" in summary and "+0.00 | 0.00 |" in summary
@@ -406,7 +407,7 @@ def _t_quantile_by_integration(df: int, p: float = 0.975) -> float:
 
 @pytest.mark.parametrize("df", [1, 2, 4, 9, 17, 30])
 def test_t_quantile_table_matches_the_density(df):
-    assert bench_train.t_quantile_975(df) == pytest.approx(_t_quantile_by_integration(df), abs=1.5e-3)
+    assert bench_report.t_quantile_975(df) == pytest.approx(_t_quantile_by_integration(df), abs=1.5e-3)
 
 
 def test_gap_curves_pair_each_seed_with_its_baseline(tmp_path, monkeypatch):
@@ -415,7 +416,7 @@ def test_gap_curves_pair_each_seed_with_its_baseline(tmp_path, monkeypatch):
     def outcome(recipe, seed, losses):
         history = [StepRecord(step=step, tokens=step, train_loss=1.0, val_loss=loss, grad_norm=1.0, lr=1e-3,
                               step_time_s=0.1) for step, loss in enumerate(losses, 1)]
-        return bench_train.RunOutcome(recipe=recipe, seed=seed, history=history)
+        return bench_report.RunOutcome(recipe=recipe, seed=seed, history=history)
 
     nan = float("nan")
     outcomes = [outcome("bf16", 0, [2.0, nan, 1.0]), outcome("bf16", 1, [4.0, nan, 2.0]),
@@ -430,7 +431,7 @@ def test_gap_curves_pair_each_seed_with_its_baseline(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Figure, "savefig", capture)
     names = {"bf16": "float32 (bf16 recipe on CPU)", "paper": "paper"}
-    plotted = bench_train.plot_gap_curves(outcomes, ["bf16", "paper"], {}, tmp_path / "gap.png", names=names,
+    plotted = bench_report.plot_gap_curves(outcomes, ["bf16", "paper"], {}, tmp_path / "gap.png", names=names,
                                           baseline_name=names["bf16"])
     assert plotted == ["paper"]
     steps, gaps = drawn["lines"]["paper (2 seeds)"]
@@ -462,3 +463,71 @@ def test_labels_name_float32_only_where_bf16_computes_in_float32():
     spec = bench_train.RunSpec("paper", "bf16", 0.1, 3e-3)
     assert spec.label == "paper_to_bf16_lr0.003" and spec.baseline_label == "bf16_lr0.003"
     assert spec.display(float32) == f"paper -> {float32} (last 0.1), lr 0.003"
+
+
+def _outcome(recipe, seed, val_losses, **kwargs):
+    """A finished run with a validation loss at steps 1, 2, ... (NaN: no validation at that step)."""
+    history = [StepRecord(step=step, tokens=step, train_loss=1.0, val_loss=loss, grad_norm=1.0, lr=1e-3,
+                          step_time_s=0.1) for step, loss in enumerate(val_losses, 1)]
+    final = next((loss for loss in reversed(val_losses) if math.isfinite(loss)), float("nan"))
+    return bench_report.RunOutcome(recipe=recipe, seed=seed, history=history, final_val_loss=final, **kwargs)
+
+
+def test_gap_over_training_pairs_each_seed_and_spreads_the_steps():
+    nan = float("nan")
+    base = {0: [2.0, 2.0, 2.0, 2.0, 1.0], 1: [4.0, 4.0, 4.0, 4.0, 2.0], 2: [1.0, 1.0, 1.0, 1.0, 1.0]}
+    paper = {0: [2.2, 2.0, 2.1, 2.0, 1.05], 1: [4.0, 4.4, 4.2, 4.0, 2.2], 2: [0.9, nan, 1.1, 1.0, 1.02]}
+    outcomes = [_outcome("bf16", s, v) for s, v in base.items()] + [_outcome("paper", s, v) for s, v in paper.items()]
+    table = bench_report.gap_over_training(outcomes, ["bf16", "paper"], {}, rows=3)
+    assert table["steps"] == [1, 3, 5]  # five validation steps, three rows: first, middle, last
+    assert list(table["gaps"]) == ["paper"]  # the baseline has no row of its own
+    first, middle, last = table["gaps"]["paper"]
+    # step 1: +10%, 0%, -10%; step 5: +5%, +10%, +2% (by hand)
+    assert first["mean"] == pytest.approx(0.0, abs=1e-12) and first["seeds"] == 3
+    assert first["ci95"] == pytest.approx(4.303 * 10.0 / math.sqrt(3), rel=1e-12)  # t(0.975, 2) * s / sqrt(n)
+    assert last["mean"] == pytest.approx(17 / 3, rel=1e-12)
+    spread = math.sqrt(((5 - 17 / 3) ** 2 + (10 - 17 / 3) ** 2 + (2 - 17 / 3) ** 2) / 2)
+    assert last["ci95"] == pytest.approx(4.303 * spread / math.sqrt(3), rel=1e-12)
+    assert middle["seeds"] == 3 and middle["mean"] == pytest.approx((5 + 5 + 10) / 3, rel=1e-12)
+    # a step where one seed did not validate counts the others only
+    step2 = bench_report.gap_over_training(outcomes, ["bf16", "paper"], {}, rows=5)["gaps"]["paper"][1]
+    assert step2["step"] == 2 and step2["seeds"] == 2 and step2["mean"] == pytest.approx(5.0, rel=1e-12)
+
+
+def test_final_losses_by_seed_name_diverged_and_failed_runs():
+    outcomes = [_outcome("bf16", 0, [2.0, 1.5]), _outcome("paper", 0, [2.0, float("nan")], diverged=True),
+                bench_report.RunOutcome(recipe="paper", seed=1, error="RuntimeError: x"), _outcome("bf16", 1, [1.25])]
+    table = bench_report.final_losses_by_seed(outcomes, ["bf16", "paper"])
+    assert table == {"bf16": {0: 1.5, 1: 1.25}, "paper": {0: "diverged", 1: "failed"}}
+
+
+def test_report_only_rebuilds_the_summary_from_finished_runs_without_training(tmp_path, monkeypatch, capsys):
+    common = ("--recipes", "bf16,paper", "--steps", "4", "--eval-every", "2")
+    assert bench_train.run(bench_args(tmp_path, *common, "--seeds", "2")) == 0
+    trained = json.loads((tmp_path / "summary.json").read_text())
+    trained_md = (tmp_path / "summary.md").read_text()
+    assert "## Final validation loss per seed" in trained_md and "## Gap to float32" in trained_md
+    (tmp_path / "paper_seed1.json").unlink()  # as if that run were still going
+    files_before = sorted(p.name for p in tmp_path.iterdir())
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("--report-only must not compile or train")
+
+    monkeypatch.setattr(bench_train, "compile_for_recipe", no_training)
+    assert bench_train.run(bench_args(tmp_path, *common, "--seeds", "3", "--report-only")) == 0
+    assert "3 run(s) not finished" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == files_before  # summary and plots rewritten, nothing added
+    report = json.loads((tmp_path / "summary.json").read_text())
+    assert report["context"]["missing_runs"] == ["paper_seed1", "bf16_seed2", "paper_seed2"]
+    rows = {row["recipe"]: row for row in report["rows"]}
+    before = {row["recipe"]: row for row in trained["rows"]}
+    assert rows["bf16"] == before["bf16"]  # both seeds of bf16 are still there
+    assert rows["paper"]["seeds"] == 1 and rows["paper"]["gap_seeds"] == 1
+    paper_seed0 = json.loads((tmp_path / "paper_seed0.json").read_text())["final_val_loss"]
+    assert rows["paper"]["final_val_loss_mean"] == paper_seed0
+    assert report["final_val_loss_by_seed"]["paper"] == {"0": paper_seed0}
+    text = (tmp_path / "summary.md").read_text()
+    assert "report only (--report-only)" in text and "`paper_seed1`, `bf16_seed2`, `paper_seed2`" in text
+    # runs of other settings are refused, and an empty folder has nothing to report
+    assert bench_train.run(bench_args(tmp_path, "--recipes", "bf16", "--steps", "5", "--report-only")) == 2
+    assert bench_train.run(bench_args(tmp_path / "empty", *common, "--report-only")) == 2

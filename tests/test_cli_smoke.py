@@ -140,7 +140,7 @@ def test_bench_train_fp4_backend_paired_gaps(tmp_path):
     assert paper["final_val_loss_mean"] == losses["paper"]
     assert bf16["gap_to_bf16_pct_mean"] == 0
     summary = (out / "summary.md").read_text()
-    assert f"| paper | {paper['final_val_loss_mean']:.4f} | {gap:+.2f} | n/a | n/a |" in summary
+    assert f"| paper | 1 | {paper['final_val_loss_mean']:.4f} | {gap:+.2f} | n/a | n/a |" in summary
     assert "backend `fp4`, compiled block by block" in summary
 
 

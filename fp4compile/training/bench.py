@@ -55,12 +55,10 @@ import csv
 import json
 import math
 import os
-import platform
-import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -70,6 +68,18 @@ from fp4compile.precision_switch import PrecisionSwitch, switch_step_for
 from fp4compile.training.data import DEFAULT_MAX_BYTES, load_corpus, split_train_val, val_batches
 from fp4compile.training.models.llama import PRESETS, Llama, param_count, preset
 from fp4compile.training import StepRecord, TrainConfig, build_model, train
+from fp4compile.training.bench_report import (
+    BASELINE_RECIPE,
+    RunOutcome,
+    best_rates,
+    final_losses_by_seed,
+    gap_over_training,
+    plot_gap_curves,
+    plot_loss_curves,
+    plot_or_explain,
+    render_summary_markdown,
+    summarize,
+)
 
 __all__ = [
     "RECIPE_NAMES",
@@ -95,7 +105,6 @@ RECIPE_NAMES = (
     "w8a4-no-occ",
     "paper-tensorwise",
 )
-BASELINE_RECIPE = "bf16"
 
 _RECIPE_OPTIONS: dict[str, dict] = {
     "bf16": {"recipe": "bf16"},
@@ -311,6 +320,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="skip finished runs in --out and continue interrupted ones"
     )
     parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: rebuild summary.md, summary.json and the plots from the runs already finished in "
+        "--out with these settings (runs not finished there are listed and left out; gaps pair the seeds "
+        "where both runs finished)",
+    )
+    parser.add_argument(
         "--backend", default="fp4", help='torch.compile backend (default: fp4; "eager" tests the plumbing only)'
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
@@ -380,22 +396,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "run of NAME at RATE (e.g. its own tuned rate beside a shared one), compared with the baseline at "
         "the --lrs rate when --lrs has one (default: off, --lr)",
     )
-
-
-@dataclass
-class RunOutcome:
-    """One (recipe, seed) run as the summary sees it (``recipe``: the run's label, see RunSpec)."""
-
-    recipe: str
-    seed: int
-    switch_step: int | None = None
-    history: list[StepRecord] = field(default_factory=list)
-    diverged: bool = False
-    diverged_at_step: int | None = None
-    final_val_loss: float = float("nan")
-    tokens_per_s: float = float("nan")
-    wall_time_s: float = 0.0
-    error: str | None = None
 
 
 class ConfigMismatch(Exception):
@@ -601,6 +601,31 @@ def _run_key(args: argparse.Namespace, spec: RunSpec, cfg: TrainConfig, max_byte
     return key
 
 
+def _finished_outcome(spec: RunSpec, seed: int, key: dict, out: Path) -> RunOutcome | None:
+    """The outcome of a run finished in ``out`` (its JSON written), or None when it is not.
+
+    Raises ConfigMismatch when the finished run had other settings than ``key``.
+    """
+    name = _run_name(spec.label, seed)
+    result_path = out / f"{name}.json"
+    if not result_path.exists():
+        return None
+    saved = json.loads(result_path.read_text())
+    if saved["key"] != key:
+        raise ConfigMismatch(f"{result_path} was produced with other settings; use another --out")
+    return RunOutcome(
+        recipe=spec.label,
+        seed=seed,
+        switch_step=saved.get("switch_step"),
+        history=read_history_csv(out / f"{name}.csv"),
+        diverged=saved["diverged"],
+        diverged_at_step=saved["diverged_at_step"],
+        final_val_loss=_float_or_nan(saved["final_val_loss"]),
+        tokens_per_s=_float_or_nan(saved["tokens_per_s"]),
+        wall_time_s=saved["wall_time_s"],
+    )
+
+
 def _run_one(
     args: argparse.Namespace,
     spec: RunSpec,
@@ -619,21 +644,10 @@ def _run_one(
     checkpoint_path = out / "checkpoints" / f"{name}.pt"
     key_path = out / "checkpoints" / f"{name}.key.json"
 
-    if args.resume and result_path.exists():
-        saved = json.loads(result_path.read_text())
-        if saved["key"] != key:
-            raise ConfigMismatch(f"{result_path} was produced with other settings; use another --out")
-        return RunOutcome(
-            recipe=spec.label,
-            seed=cfg.seed,
-            switch_step=saved.get("switch_step"),
-            history=read_history_csv(csv_path),
-            diverged=saved["diverged"],
-            diverged_at_step=saved["diverged_at_step"],
-            final_val_loss=_float_or_nan(saved["final_val_loss"]),
-            tokens_per_s=_float_or_nan(saved["tokens_per_s"]),
-            wall_time_s=saved["wall_time_s"],
-        )
+    if args.resume:
+        finished = _finished_outcome(spec, cfg.seed, key, out)
+        if finished is not None:
+            return finished
 
     resuming = args.resume and checkpoint_path.exists()
     if resuming:
@@ -810,12 +824,25 @@ def run(args: argparse.Namespace) -> int:
               f"\"{float32}\" below", flush=True)
 
     outcomes: list[RunOutcome] = []
+    missing: list[str] = []  # --report-only: the runs not finished in --out
+    report_only = getattr(args, "report_only", False)
     # Seeds outermost: an interrupted benchmark has complete comparisons for the first seeds.
     for seed in seeds:
         for spec in specs:
             cfg = _spec_config(configs[seed], spec, args.min_lr)
             recipe = spec.display(float32)
             key = _run_key(args, spec, cfg, max_bytes)
+            if report_only:
+                try:
+                    outcome = _finished_outcome(spec, seed, key, out)
+                except ConfigMismatch as error:
+                    print(f"bench train: {error}", file=sys.stderr)
+                    return 2
+                if outcome is None:
+                    missing.append(_run_name(spec.label, seed))
+                else:
+                    outcomes.append(outcome)
+                continue
             try:
                 outcome = _run_one(args, spec, cfg, key, train_data, val_data, device, out)
             except ConfigMismatch as error:
@@ -829,7 +856,16 @@ def run(args: argparse.Namespace) -> int:
                 print(f"bench train: {recipe} seed {seed} diverged at step {outcome.diverged_at_step}", file=sys.stderr)
             outcomes.append(outcome)
 
-    wall_time = time.perf_counter() - invocation_start
+    if report_only:
+        if missing:
+            print(f"bench train: --report-only: {len(missing)} run(s) not finished in {out}, left out: "
+                  + ", ".join(missing), file=sys.stderr)
+        if not outcomes:
+            print(f"bench train: --report-only: no finished run in {out} matches these settings", file=sys.stderr)
+            return 2
+    # --report-only: the training time of the runs reported, not this invocation's.
+    wall_time = (sum(o.wall_time_s for o in outcomes) if report_only
+                 else time.perf_counter() - invocation_start)
     context = {
         "preset": args.preset,
         "parameters": param_count_of_preset(args.preset),
@@ -841,6 +877,9 @@ def run(args: argparse.Namespace) -> int:
         "data": str(args.data) if args.data is not None else "Python standard library sources",
         "corpus_bytes": len(corpus),
         "wall_time_s": wall_time,
+        "report_only": report_only,
+        "missing_runs": missing,
+        "val_fraction": VAL_FRACTION,
     }
     labels = [spec.label for spec in specs]
     names = {spec.label: spec.display(float32) for spec in specs}
@@ -854,6 +893,8 @@ def run(args: argparse.Namespace) -> int:
     rows = summarize(outcomes, labels, baselines)
     for row in rows:
         row["label"] = names[row["recipe"]]
+    per_seed = final_losses_by_seed(outcomes, labels)
+    over_training = gap_over_training(outcomes, labels, baselines)
     sweep = best_rates(outcomes, specs, float32) if lrs != [None] else None
     if sweep is not None:
         context["lrs"] = sorted({spec.lr for spec in specs})
@@ -865,14 +906,15 @@ def run(args: argparse.Namespace) -> int:
                 print(f"bench train: best learning rate of {entry['name']}: {entry['best_lr']:g} "
                       f"(final val loss {entry['best_loss']:.4f})", flush=True)
     title = f"{args.preset}, backend {args.backend}"
-    plotted = _plot_or_explain(plot_loss_curves, outcomes, labels, out / "loss_curves.png", title=title, names=names)
+    plotted = plot_or_explain(plot_loss_curves, outcomes, labels, out / "loss_curves.png", title=title, names=names)
     if plotted:
-        _plot_or_explain(plot_gap_curves, outcomes, labels, baselines, out / "gap_curves.png", names=names,
+        plot_or_explain(plot_gap_curves, outcomes, labels, baselines, out / "gap_curves.png", names=names,
                          baseline_name=context["baseline_name"], title=title)
     context["plots"] = plotted
-    (out / "summary.md").write_text(render_summary_markdown(rows, context, sweep))
+    (out / "summary.md").write_text(render_summary_markdown(rows, context, sweep, per_seed, over_training))
     (out / "summary.json").write_text(
-        json.dumps({"rows": rows, "sweep": sweep, "context": context | {"train": asdict(context["train"])}},
+        json.dumps({"rows": rows, "sweep": sweep, "final_val_loss_by_seed": per_seed, "gap_over_training": over_training,
+                    "context": context | {"train": asdict(context["train"])}},
                    indent=1, default=str)
     )
     print(f"bench train: results in {out}")
@@ -883,389 +925,6 @@ def param_count_of_preset(name: str) -> int:
     """Parameters of a preset's model, counted without allocating it."""
     with torch.device("meta"):
         return param_count(Llama(preset(name)))
-
-
-# Two-sided 95% quantiles of Student's t by degrees of freedom (1-30); larger
-# samples use the normal quantile's neighbourhood (2.04 at 30, 1.96 in the limit).
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042)
-
-
-def t_quantile_975(df: int) -> float:
-    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (1.96 beyond the table)."""
-    if df < 1:
-        raise ValueError("t_quantile_975 needs at least one degree of freedom")
-    return _T975[df - 1] if df <= len(_T975) else 1.96
-
-
-def ci95_half_width(values: list[float]) -> float | None:
-    """Half-width of the 95% confidence interval of the mean of ``values`` (t-based; None below 2 values)."""
-    if len(values) < 2:
-        return None
-    return t_quantile_975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-
-
-def _paired_gaps(by_run: dict, label: str, baseline: str, seeds: list[int]) -> list[float]:
-    """Per seed, 100 (loss_label - loss_baseline) / loss_baseline, over seeds where both finished."""
-    gaps = []
-    for seed in seeds:
-        o, base = by_run.get((label, seed)), by_run.get((baseline, seed))
-        if o is None or base is None or o.error is not None or base.error is not None or o.diverged or base.diverged:
-            continue
-        if not math.isfinite(o.final_val_loss) or not math.isfinite(base.final_val_loss):
-            continue
-        gaps.append(100.0 * (o.final_val_loss - base.final_val_loss) / base.final_val_loss)
-    return gaps
-
-
-def summarize(outcomes: list[RunOutcome], recipes: list[str], baselines: dict[str, str] | None = None) -> list[dict]:
-    """One row per recipe (run label): mean final val loss, paired gap to the baseline, speed, divergence.
-
-    The gap of recipe r for seed k is ``(loss_r,k - loss_bf16,k) / loss_bf16,k``;
-    its mean and sample standard deviation are over the seeds where both runs
-    finished without diverging. ``baselines``: each label's baseline label
-    (default: ``bf16``; in a learning-rate sweep, bf16 at the same rate).
-    """
-    baselines = baselines or {}
-    by_run = {(o.recipe, o.seed): o for o in outcomes}
-    seeds = sorted({o.seed for o in outcomes})
-    rows = []
-    for recipe in recipes:
-        runs = [by_run[(recipe, seed)] for seed in seeds if (recipe, seed) in by_run]
-        finished = [o for o in runs if o.error is None]
-        losses = [o.final_val_loss for o in finished if not o.diverged and math.isfinite(o.final_val_loss)]
-        gaps = _paired_gaps(by_run, recipe, baselines.get(recipe, BASELINE_RECIPE), seeds)
-        speeds = [o.tokens_per_s for o in finished if math.isfinite(o.tokens_per_s)]
-        rows.append(
-            {
-                "recipe": recipe,
-                "switch_step": next((o.switch_step for o in runs if o.switch_step is not None), None),
-                "seeds": len(runs),
-                "final_val_loss_mean": statistics.fmean(losses) if losses else None,
-                "gap_to_bf16_pct_mean": statistics.fmean(gaps) if gaps else None,
-                "gap_to_bf16_pct_std": statistics.stdev(gaps) if len(gaps) >= 2 else None,
-                "gap_to_bf16_pct_ci95": ci95_half_width(gaps),
-                "gap_seeds": len(gaps),
-                "tokens_per_s": statistics.fmean(speeds) if speeds else None,
-                "diverged_seeds": sum(o.diverged for o in finished),
-                "diverged_at_steps": [o.diverged_at_step for o in finished if o.diverged],
-                "failed_seeds": len(runs) - len(finished),
-                "errors": [o.error for o in runs if o.error is not None],
-            }
-        )
-    return rows
-
-
-def best_rates(outcomes: list[RunOutcome], specs: list[RunSpec], float32: str | None = None) -> list[dict]:
-    """Per recipe of a --lrs sweep: mean final val loss at each rate, the best rate, and its paired gap.
-
-    The best rate has the lowest mean final validation loss over seeds, among
-    the rates where no seed diverged or failed. The gap pairs, seed by seed,
-    the recipe at its best rate with the baseline at the baseline's best rate.
-    """
-    by_run = {(o.recipe, o.seed): o for o in outcomes}
-    seeds = sorted({o.seed for o in outcomes})
-    bases: dict[str, list[RunSpec]] = {}
-    for spec in specs:
-        bases.setdefault(spec.base, []).append(spec)
-    entries = {}
-    for base, runs in bases.items():
-        losses = {}
-        for spec in runs:
-            results = [by_run.get((spec.label, seed)) for seed in seeds]
-            complete = all(o is not None and o.error is None and not o.diverged and math.isfinite(o.final_val_loss)
-                           for o in results)
-            losses[spec.lr] = statistics.fmean(o.final_val_loss for o in results) if complete else None
-        ranked = [lr for lr in losses if losses[lr] is not None]
-        best = min(ranked, key=lambda lr: losses[lr]) if ranked else None
-        entries[base] = {
-            "recipe": base,
-            "name": RunSpec(runs[0].recipe, runs[0].switch_to, runs[0].switch_last).display(float32),
-            "final_val_loss_by_lr": {f"{lr:g}": loss for lr, loss in losses.items()},
-            "best_lr": best,
-            "best_loss": losses[best] if best is not None else None,
-            "best_label": RunSpec(runs[0].recipe, runs[0].switch_to, runs[0].switch_last, best).label
-            if best is not None else None,
-        }
-    baseline = entries.get(BASELINE_RECIPE)
-    for entry in entries.values():
-        gaps = []
-        if baseline is not None and baseline["best_label"] is not None and entry["best_label"] is not None:
-            gaps = _paired_gaps(by_run, entry["best_label"], baseline["best_label"], seeds)
-        entry["best_gap_pct_mean"] = statistics.fmean(gaps) if gaps else None
-        entry["best_gap_pct_std"] = statistics.stdev(gaps) if len(gaps) >= 2 else None
-        entry["best_gap_pct_ci95"] = ci95_half_width(gaps)
-    return list(entries.values())
-
-
-def _machine_description(device: str) -> str:
-    processor = platform.processor() or platform.machine()
-    text = f"{processor}, {os.cpu_count()} CPUs"
-    if device.startswith("cuda") and torch.cuda.is_available():
-        text += f", GPU {torch.cuda.get_device_name(torch.device(device))}"
-    return text
-
-
-def _ci_text(mean: float | None, half_width: float | None) -> str:
-    """``[low, high]`` of a 95% confidence interval, or n/a."""
-    if mean is None or half_width is None:
-        return "n/a"
-    return f"[{mean - half_width:+.2f}, {mean + half_width:+.2f}]"
-
-
-def render_summary_markdown(rows: list[dict], context: dict, sweep: list[dict] | None = None) -> str:
-    """The ``summary.md`` text: setup, results table, the learning-rate sweep, plots."""
-
-    def number(value, fmt):
-        return "n/a" if value is None else format(value, fmt)
-
-    cfg: TrainConfig = context["train"]
-    tokens = cfg.steps * cfg.batch_size * cfg.seq_len
-    min_lr_text = "peak / 10" if context.get("min_lr") is None else f"{context['min_lr']:g}"
-    seeds = context["seeds"]
-    names = context.get("names", {})
-    baseline_name = context.get("baseline_name", BASELINE_RECIPE)
-    lines = [
-        f"# Training benchmark: preset `{context['preset']}`",
-        "",
-        f"- Machine: {_machine_description(context['device'])}; device {context['device']}; "
-        f"torch {torch.__version__}; backend `{context['backend']}`"
-        + (", compiled block by block" if context.get("regional") else "")
-        + f"; wall time {context['wall_time_s']:.1f} s.",
-        f"- Regime: {context['parameters'] / 1e6:.2f}M parameters, {tokens / 1e6:.2f}M training tokens, "
-        f"{tokens / context['parameters']:.2f} tokens per parameter.",
-        f"- Training: {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} bytes, AdamW "
-        + (f"peak lr per run (in its name) -> {min_lr_text} " if "lrs" in context else f"lr {cfg.lr:g} -> {cfg.min_lr:g} ")
-        + f"(warmup {cfg.warmup_steps}, cosine), weight decay {cfg.weight_decay:g}, grad clip {cfg.grad_clip:g}, "
-        f"autocast {cfg.dtype}.",
-        f"- Data: {context['data']} ({context['corpus_bytes']:,} bytes, last {VAL_FRACTION:.0%} held out; "
-        f"{cfg.eval_sequences} validation sequences). Seeds: {', '.join(map(str, seeds))}.",
-        f"- Gap to {baseline_name}: per seed (loss - loss_{BASELINE_RECIPE}) / loss_{BASELINE_RECIPE}, "
-        "then mean and sample std over seeds" + (" (at the same learning rate)." if sweep else "."),
-    ]
-    if baseline_name != BASELINE_RECIPE:
-        lines.append(f"- {baseline_name}: the `{BASELINE_RECIPE}` recipe keeps every matmul in the compute dtype, "
-                     f"which is float32 here (autocast {cfg.dtype}); file names and JSON keys say `{BASELINE_RECIPE}`.")
-    switch = context.get("switch")
-    if switch:
-        lines.append(
-            f"- Late precision switch: each `<recipe>_to_{switch['to']}` run trains under its recipe for "
-            f"{switch['switch_step']} steps, then is recompiled with {switch.get('to_name', switch['to'])} for the "
-            f"last {cfg.steps - switch['switch_step']} (--switch-last {switch['last_fraction']:g})."
-        )
-    lines += [
-        "",
-        f"| recipe | final val loss | gap to {baseline_name} (%) | gap std (%) | gap 95% CI (%) | tokens/s "
-        "| diverged |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        if row["diverged_seeds"] == 0:
-            diverged = "no"
-        elif row["seeds"] == 1:
-            diverged = f"yes (step {row['diverged_at_steps'][0]})"
-        else:
-            diverged = f"yes ({row['diverged_seeds']}/{row['seeds']} seeds)"
-        if row["failed_seeds"]:
-            diverged += f"; {row['failed_seeds']} run(s) failed"
-        gap = row["gap_to_bf16_pct_mean"]
-        lines.append(
-            f"| {names.get(row['recipe'], row['recipe'])} | {number(row['final_val_loss_mean'], '.4f')} | "
-            f"{'n/a' if gap is None else format(gap, '+.2f')} | {number(row['gap_to_bf16_pct_std'], '.2f')} | "
-            f"{_ci_text(gap, row['gap_to_bf16_pct_ci95'])} | {number(row['tokens_per_s'], ',.0f')} | {diverged} |"
-        )
-    errors = [(row["recipe"], error) for row in rows for error in row["errors"]]
-    if errors:
-        lines += ["", "Failed runs:", ""] + [f"- {recipe}: `{error}`" for recipe, error in errors]
-    if sweep:
-        rates = [f"{lr:g}" for lr in context["lrs"]]
-        lines += ["", "## Learning-rate sweep", "",
-                  "Final validation loss (mean over seeds; n/a: a seed diverged or failed) at each peak rate; the "
-                  f"gap pairs each recipe at its best rate with {baseline_name} at its best rate, seed by seed.", "",
-                  "| recipe | " + " | ".join(f"lr {rate}" for rate in rates) + f" | best lr | gap to {baseline_name} "
-                  "at best rates (%) | gap std (%) | gap 95% CI (%) |",
-                  "|---|" + "---|" * (len(rates) + 4)]
-        for entry in sweep:
-            losses = [number(entry["final_val_loss_by_lr"].get(rate), ".4f") for rate in rates]
-            best = "n/a" if entry["best_lr"] is None else f"{entry['best_lr']:g}"
-            gap = entry["best_gap_pct_mean"]
-            lines.append(f"| {entry['name']} | " + " | ".join(losses) + f" | {best} | "
-                         f"{'n/a' if gap is None else format(gap, '+.2f')} | "
-                         f"{number(entry['best_gap_pct_std'], '.2f')} | "
-                         f"{_ci_text(gap, entry['best_gap_pct_ci95'])} |")
-    if context.get("plots", True):
-        lines += ["", "![loss curves](loss_curves.png)", "", "![gap to the baseline over training](gap_curves.png)", ""]
-    else:
-        lines += ["", "(no plots: matplotlib is not installed)", ""]
-    return "\n".join(lines)
-
-
-def _mean_curve(histories: list[list[StepRecord]], attribute: str) -> tuple[list[int], list[float]]:
-    """Per-step mean over seeds of a logged value, at the steps every seed logged it."""
-    per_seed = [
-        {r.step: getattr(r, attribute) for r in history if math.isfinite(getattr(r, attribute))}
-        for history in histories
-    ]
-    if not per_seed:
-        return [], []
-    steps = sorted(set.intersection(*(set(values) for values in per_seed)))
-    return steps, [statistics.fmean(values[step] for values in per_seed) for step in steps]
-
-
-def _moving_average(values: list[float]) -> list[float]:
-    """Trailing mean over a window of 1/25 of the run: smooths batch-to-batch noise
-    of the training loss while keeping the curve's shape (no lag at the start)."""
-    window = max(1, len(values) // 25)
-    smoothed, running_sum = [], 0.0
-    for index, value in enumerate(values):
-        running_sum += value
-        if index >= window:
-            running_sum -= values[index - window]
-        smoothed.append(running_sum / min(index + 1, window))
-    return smoothed
-
-
-def _plot_or_explain(plot, *args, **kwargs) -> bool:
-    """Run a plot function; without matplotlib, say so once per plot and return False."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print(f"bench train: matplotlib is not installed, so no {Path(args[-1]).name} (pip install matplotlib); "
-              "the CSV, JSON and summary files are complete", file=sys.stderr)
-        return False
-    plot(*args, **kwargs)
-    return True
-
-
-def plot_gap_curves(outcomes: list[RunOutcome], recipes: list[str], baselines: dict[str, str], path: Path,
-                    names: dict[str, str] | None = None, baseline_name: str = BASELINE_RECIPE,
-                    title: str = "") -> list[str]:
-    """Paired validation gap to the baseline over training: one curve per run label (mean over seeds),
-    the band between the lowest and highest seed shaded. Returns the labels plotted.
-
-    At each validation step where both runs of a seed logged a loss, the gap is
-    ``100 (loss - loss_baseline) / loss_baseline`` for that seed.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = names or {}
-    by_run = {(o.recipe, o.seed): o for o in outcomes if o.error is None}
-    figure, axes = plt.subplots(figsize=(9, 5))
-    # One colour per curve, in plotting order: tab10 up to 10 curves, tab20 beyond (an lr sweep).
-    curves = sum(1 for label in recipes if label != baselines.get(label, BASELINE_RECIPE))
-    colors = plt.get_cmap("tab10" if curves <= 10 else "tab20")
-    plotted = []
-    for label in recipes:
-        baseline = baselines.get(label, BASELINE_RECIPE)
-        if label == baseline:
-            continue
-        per_seed = []
-        for (run_label, seed), outcome in by_run.items():
-            base = by_run.get((baseline, seed))
-            if run_label != label or base is None:
-                continue
-            base_loss = {r.step: r.val_loss for r in base.history if math.isfinite(r.val_loss)}
-            per_seed.append({r.step: 100.0 * (r.val_loss - base_loss[r.step]) / base_loss[r.step]
-                             for r in outcome.history if math.isfinite(r.val_loss) and r.step in base_loss})
-        if not per_seed or not all(per_seed):
-            continue
-        steps = sorted(set.intersection(*(set(gaps) for gaps in per_seed)))
-        if not steps:
-            continue
-        color = colors(len(plotted) % colors.N)
-        mean = [statistics.fmean(gaps[step] for gaps in per_seed) for step in steps]
-        axes.plot(steps, mean, color=color, marker="o", markersize=3,
-                  label=f"{names.get(label, label)} ({len(per_seed)} seed{'s' if len(per_seed) > 1 else ''})")
-        if len(per_seed) > 1:
-            axes.fill_between(steps, [min(g[step] for g in per_seed) for step in steps],
-                              [max(g[step] for g in per_seed) for step in steps], color=color, alpha=0.2)
-        switch_step = next((o.switch_step for o in outcomes if o.recipe == label and o.switch_step is not None), None)
-        if switch_step is not None:
-            axes.axvline(switch_step + 0.5, color=color, linestyle=":", linewidth=1)
-        plotted.append(label)
-    axes.axhline(0.0, color="black", linewidth=0.8)
-    axes.set_xlabel("step")
-    axes.set_ylabel(f"validation loss gap to {baseline_name} (%)")
-    axes.set_title("Paired gap to the baseline over training (mean over seeds, min-max band)"
-                   + (f": {title}" if title else ""), fontsize=9)
-    axes.grid(alpha=0.3)
-    if plotted:
-        axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return plotted
-
-
-def plot_loss_curves(outcomes: list[RunOutcome], recipes: list[str], path: Path, title: str = "",
-                     names: dict[str, str] | None = None) -> None:
-    """One figure: validation loss (markers) and smoothed training loss (faint) per recipe,
-    averaged over seeds, with an inset zoomed on the last 30% of training. ``names``: legend text per label."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(10, 6.5))
-    inset = axes.inset_axes([0.42, 0.42, 0.55, 0.53])
-    colors = plt.get_cmap("tab10")
-    max_step = max((r.step for o in outcomes for r in o.history), default=1)
-    zoom_from = 0.7 * max_step
-    zoom_values: list[float] = []
-    all_values: list[float] = []
-
-    for index, recipe in enumerate(recipes):
-        histories = [o.history for o in outcomes if o.recipe == recipe and o.error is None and o.history]
-        if not histories:
-            continue
-        color = colors(index % 10)
-        diverged = any(o.diverged for o in outcomes if o.recipe == recipe)
-        train_steps, train_loss = _mean_curve(histories, "train_loss")
-        val_steps, val_loss = _mean_curve(histories, "val_loss")
-        label = (names or {}).get(recipe, recipe) + (" (diverged)" if diverged else "")
-        axes.plot(train_steps, _moving_average(train_loss), color=color, alpha=0.3, linewidth=1)
-        axes.plot(val_steps, val_loss, color=color, marker="o", markersize=3, linewidth=1.5, label=label)
-        if diverged and train_steps:
-            axes.plot(train_steps[-1], _moving_average(train_loss)[-1], color=color, marker="x", markersize=9)
-        switch_step = next((o.switch_step for o in outcomes if o.recipe == recipe and o.switch_step is not None), None)
-        if switch_step is not None:  # the first step under the new recipe is switch_step + 1
-            for target in (axes, inset):
-                target.axvline(switch_step + 0.5, color=color, linestyle=":", linewidth=1)
-        inset.plot(val_steps, val_loss, color=color, marker="o", markersize=3, linewidth=1.5)
-        all_values += val_loss + train_loss
-        if not diverged:  # a diverging curve would stretch the zoom over its blow-up
-            zoom_values += [loss for step, loss in zip(val_steps, val_loss) if step >= zoom_from]
-
-    # Losses above that of a uniform guess over 256 bytes (ln 256 = 5.55) are
-    # only reached by diverging runs; cutting there keeps the other curves legible.
-    uniform_loss = math.log(256)
-    if all_values:
-        axes.set_ylim(min(all_values) * 0.95, min(max(all_values), uniform_loss) * 1.05)
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss (nats per byte)")
-    axes.set_title(f"Validation (markers) and smoothed training loss (faint){': ' + title if title else ''}")
-    axes.legend(loc="lower left", fontsize=8)
-    axes.grid(alpha=0.3)
-
-    if len(zoom_values) >= 2 and max(zoom_values) > min(zoom_values):
-        low, high = min(zoom_values), max(zoom_values)
-        margin = 0.1 * (high - low)
-        inset.set_xlim(zoom_from, max_step * 1.01)
-        inset.set_ylim(low - margin, high + margin)
-        inset.set_title("validation loss, last 30% of steps", fontsize=8)
-        inset.tick_params(labelsize=7)
-        inset.grid(alpha=0.3)
-        axes.indicate_inset_zoom(inset, edgecolor="gray")
-    else:
-        inset.remove()
-
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def main(argv: list[str] | None = None) -> int:
