@@ -15,7 +15,10 @@ Outputs, all in ``--out``:
 - ``checkpoints/<recipe>_seed<k>.pt``: the state of an unfinished run, from
   which ``--resume`` continues; removed when the run completes;
 - ``loss_curves.png``: validation and training loss of all recipes;
-- ``summary.md`` and ``summary.json``: the comparison table.
+- ``summary.md`` and ``summary.json``: the comparison table, each run's final
+  loss seed by seed, and the gap over training at evenly spread steps
+  (``fp4compile.training.bench_report``); ``--report-only`` rebuilds them from
+  the runs finished in ``--out`` without training.
 
 ``--switch-last F --switch-to R`` adds a late precision switch
 (``fp4compile.PrecisionSwitch``): for every recipe other than R, one more run,
