@@ -531,3 +531,20 @@ def test_report_only_rebuilds_the_summary_from_finished_runs_without_training(tm
     # runs of other settings are refused, and an empty folder has nothing to report
     assert bench_train.run(bench_args(tmp_path, "--recipes", "bf16", "--steps", "5", "--report-only")) == 2
     assert bench_train.run(bench_args(tmp_path / "empty", *common, "--report-only")) == 2
+
+
+def test_best_rates_compare_a_recipes_rates_over_the_same_seeds():
+    """A rate whose seed 1 is still missing must not be ranked against a rate averaged over two seeds."""
+    specs = [bench_train.RunSpec(recipe, lr=lr) for lr in (1e-3, 2e-3) for recipe in ("bf16", "paper")]
+    outcomes = [_outcome("bf16_lr0.001", 0, [1.0]), _outcome("bf16_lr0.001", 1, [1.2]),
+                _outcome("bf16_lr0.002", 0, [1.1]), _outcome("bf16_lr0.002", 1, [1.3]),
+                _outcome("paper_lr0.001", 0, [1.08]), _outcome("paper_lr0.001", 1, [1.5]),
+                _outcome("paper_lr0.002", 0, [1.1])]  # paper at 2e-3, seed 1: not finished
+    sweep = {entry["recipe"]: entry for entry in bench_report.best_rates(outcomes, specs)}
+    assert sweep["bf16"]["seeds"] == 2 and sweep["bf16"]["best_lr"] == 1e-3
+    assert sweep["bf16"]["final_val_loss_by_lr"] == pytest.approx({"0.001": 1.1, "0.002": 1.2}, rel=1e-12)
+    # over seed 0 alone 1e-3 wins (1.08 < 1.10); over both seeds it would have looked worse (1.29)
+    assert sweep["paper"]["seeds"] == 1 and sweep["paper"]["best_lr"] == 1e-3
+    assert sweep["paper"]["final_val_loss_by_lr"] == pytest.approx({"0.001": 1.08, "0.002": 1.1}, rel=1e-12)
+    # its gap pairs both seeds of paper at 1e-3 with bf16 at 1e-3: +8% and +25%
+    assert sweep["paper"]["best_gap_pct_mean"] == pytest.approx(16.5, rel=1e-9)

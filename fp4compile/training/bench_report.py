@@ -184,7 +184,10 @@ def summarize(outcomes: list[RunOutcome], recipes: list[str], baselines: dict[st
 def best_rates(outcomes: list[RunOutcome], specs: list[RunSpec], float32: str | None = None) -> list[dict]:
     """Per recipe of a --lrs sweep: mean final val loss at each rate, the best rate, and its paired gap.
 
-    The best rate has the lowest mean final validation loss over seeds, among
+    The rates of one recipe are compared over the same seeds: those where the
+    recipe's run at every rate is present (all of them, once every run has
+    finished; fewer in a ``--report-only`` report while some still train). The
+    best rate has the lowest mean final validation loss over those seeds, among
     the rates where no seed diverged or failed. The gap pairs, seed by seed,
     the recipe at its best rate with the baseline at the baseline's best rate.
     """
@@ -195,11 +198,12 @@ def best_rates(outcomes: list[RunOutcome], specs: list[RunSpec], float32: str | 
         bases.setdefault(spec.base, []).append(spec)
     entries = {}
     for base, runs in bases.items():
+        shared = [seed for seed in seeds if all((spec.label, seed) in by_run for spec in runs)]
         losses = {}
         for spec in runs:
-            results = [by_run.get((spec.label, seed)) for seed in seeds]
-            complete = all(o is not None and o.error is None and not o.diverged and math.isfinite(o.final_val_loss)
-                           for o in results)
+            results = [by_run[(spec.label, seed)] for seed in shared]
+            complete = bool(results) and all(o.error is None and not o.diverged and math.isfinite(o.final_val_loss)
+                                             for o in results)
             losses[spec.lr] = statistics.fmean(o.final_val_loss for o in results) if complete else None
         ranked = [lr for lr in losses if losses[lr] is not None]
         best = min(ranked, key=lambda lr: losses[lr]) if ranked else None
@@ -207,6 +211,7 @@ def best_rates(outcomes: list[RunOutcome], specs: list[RunSpec], float32: str | 
             "recipe": base,
             "name": replace(runs[0], lr=None, baseline_lr=None).display(float32),
             "final_val_loss_by_lr": {f"{lr:g}": loss for lr, loss in losses.items()},
+            "seeds": len(shared),
             "best_lr": best,
             "best_loss": losses[best] if best is not None else None,
             "best_label": replace(runs[0], lr=best).label
@@ -342,7 +347,8 @@ def render_summary_markdown(rows: list[dict], context: dict, sweep: list[dict] |
                   "Paired validation gap (%) at evenly spread validation steps: mean over seeds, +- the half-width of "
                   "its 95% confidence interval (two or more seeds); a seed count in brackets where fewer seeds had "
                   "validated there.", "",
-                  "| step | tokens | " + " | ".join(f"{names.get(label, label)} ({most[label]} seeds)"
+                  "| step | tokens | " + " | ".join(f"{names.get(label, label)} ({most[label]} seed"
+                                                    f"{'' if most[label] == 1 else 's'})"
                                                     for label in labels) + " |",
                   "|---|---|" + "---|" * len(labels)]
         for index, step in enumerate(over_training["steps"]):
@@ -362,16 +368,16 @@ def render_summary_markdown(rows: list[dict], context: dict, sweep: list[dict] |
     if sweep:
         rates = [f"{lr:g}" for lr in context["lrs"]]
         lines += ["", "## Learning-rate sweep", "",
-                  "Final validation loss (mean over seeds; n/a: a seed diverged, failed or is missing) at each peak "
-                  f"rate; the gap pairs each recipe at its best rate with {baseline_name} at its best rate, seed by seed.", "",
-                  "| recipe | " + " | ".join(f"lr {rate}" for rate in rates) + f" | best lr | gap to {baseline_name} "
-                  "at best rates (%) | gap std (%) | gap 95% CI (%) |",
-                  "|---|" + "---|" * (len(rates) + 4)]
+                  "Final validation loss at each peak rate: the mean over the seeds where the recipe has a run at "
+                  "every rate (n/a: one of them diverged or failed); the gap pairs each recipe at its best rate with {baseline_name} at its best rate, seed by seed.", "",
+                  "| recipe | seeds | " + " | ".join(f"lr {rate}" for rate in rates) + f" | best lr | gap to "
+                  f"{baseline_name} at best rates (%) | gap std (%) | gap 95% CI (%) |",
+                  "|---|---|" + "---|" * (len(rates) + 4)]
         for entry in sweep:
             losses = [number(entry["final_val_loss_by_lr"].get(rate), ".4f") for rate in rates]
             best = "n/a" if entry["best_lr"] is None else f"{entry['best_lr']:g}"
             gap = entry["best_gap_pct_mean"]
-            lines.append(f"| {entry['name']} | " + " | ".join(losses) + f" | {best} | "
+            lines.append(f"| {entry['name']} | {entry['seeds']} | " + " | ".join(losses) + f" | {best} | "
                          f"{'n/a' if gap is None else format(gap, '+.2f')} | "
                          f"{number(entry['best_gap_pct_std'], '.2f')} | "
                          f"{_ci_text(gap, entry['best_gap_pct_ci95'])} |")
