@@ -385,7 +385,9 @@ def test_recipe_at_rate_adds_one_run_compared_with_the_shared_rate(tmp_path):
     paper = next(entry for entry in summary["sweep"] if entry["recipe"] == "paper")
     assert set(paper["final_val_loss_by_lr"]) == {"0.001", "0.03"}
     text = (tmp_path / "summary.md").read_text()
-    assert "| lr 0.001 | lr 0.03 |" in text and "gap 95% CI (%)" in text
+    assert "| lr 0.001 | lr 0.03 |" in text and "gap 95% CI (%)" in text and "{" not in text
+    # float32 ran at 1e-3 only: its 3e-2 cell says "not run", not "diverged or failed"
+    assert "| float32 (bf16 recipe on CPU) | 2 | " in text and " | - | 0.001 | " in text
 
 
 def _t_quantile_by_integration(df: int, p: float = 0.975) -> float:

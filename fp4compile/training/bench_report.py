@@ -369,12 +369,14 @@ def render_summary_markdown(rows: list[dict], context: dict, sweep: list[dict] |
         rates = [f"{lr:g}" for lr in context["lrs"]]
         lines += ["", "## Learning-rate sweep", "",
                   "Final validation loss at each peak rate: the mean over the seeds where the recipe has a run at "
-                  "every rate (n/a: one of them diverged or failed); the gap pairs each recipe at its best rate with {baseline_name} at its best rate, seed by seed.", "",
+                  "every rate (n/a: one of them diverged or failed; -: not run at that rate); the gap pairs each "
+                  f"recipe at its best rate with {baseline_name} at its best rate, seed by seed.", "",
                   "| recipe | seeds | " + " | ".join(f"lr {rate}" for rate in rates) + f" | best lr | gap to "
                   f"{baseline_name} at best rates (%) | gap std (%) | gap 95% CI (%) |",
                   "|---|---|" + "---|" * (len(rates) + 4)]
         for entry in sweep:
-            losses = [number(entry["final_val_loss_by_lr"].get(rate), ".4f") for rate in rates]
+            by_lr = entry["final_val_loss_by_lr"]
+            losses = [number(by_lr[rate], ".4f") if rate in by_lr else "-" for rate in rates]
             best = "n/a" if entry["best_lr"] is None else f"{entry['best_lr']:g}"
             gap = entry["best_gap_pct_mean"]
             lines.append(f"| {entry['name']} | {entry['seeds']} | " + " | ".join(losses) + f" | {best} | "
