@@ -416,8 +416,8 @@ def test_gap_curves_pair_each_seed_with_its_baseline(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 
     def outcome(recipe, seed, losses):
-        history = [StepRecord(step=step, tokens=step, train_loss=1.0, val_loss=loss, grad_norm=1.0, lr=1e-3,
-                              step_time_s=0.1) for step, loss in enumerate(losses, 1)]
+        history = [StepRecord(step=step, tokens=2048 * step, train_loss=1.0, val_loss=loss, grad_norm=1.0,
+                              lr=1e-3, step_time_s=0.1) for step, loss in enumerate(losses, 1)]
         return bench_report.RunOutcome(recipe=recipe, seed=seed, history=history)
 
     nan = float("nan")
@@ -430,6 +430,9 @@ def test_gap_curves_pair_each_seed_with_its_baseline(tmp_path, monkeypatch):
         drawn["lines"] = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in axes.lines}
         drawn["bands"] = len(axes.collections)
         drawn["ylabel"] = axes.get_ylabel()
+        figure.canvas.draw()  # lays out the top axis
+        (top,) = axes.child_axes
+        drawn["top"] = (top.get_xlabel(), top.get_xlim(), axes.get_xlim())
 
     monkeypatch.setattr(Figure, "savefig", capture)
     names = {"bf16": "float32 (bf16 recipe on CPU)", "paper": "paper"}
@@ -440,6 +443,10 @@ def test_gap_curves_pair_each_seed_with_its_baseline(tmp_path, monkeypatch):
     # seed 0: +10% then +5%; seed 1: 0% then +10%: means 5% and 7.5%
     assert steps == [1, 3] and gaps == pytest.approx([5.0, 7.5], rel=1e-12)
     assert drawn["bands"] == 1 and drawn["ylabel"] == "validation loss gap to float32 (bf16 recipe on CPU) (%)"
+    # the top axis reads tokens: 2048 per step here
+    label, top_limits, step_limits = drawn["top"]
+    assert label == "training tokens (millions)"
+    assert top_limits == pytest.approx([limit * 2048 / 1e6 for limit in step_limits], rel=1e-9)
 
 
 def test_without_matplotlib_the_benchmark_says_so_and_still_writes_results(tmp_path, monkeypatch, capsys):

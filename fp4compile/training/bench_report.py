@@ -471,6 +471,13 @@ def plot_gap_curves(outcomes: list[RunOutcome], recipes: list[str], baselines: d
         plotted.append(label)
     axes.axhline(0.0, color="black", linewidth=0.8)
     axes.set_xlabel("step")
+    # Tokens on the top axis: every run of a benchmark takes the same tokens per step.
+    record = next((r for o in outcomes for r in o.history if r.step > 0), None)
+    if record is not None:
+        millions_per_step = record.tokens / record.step / 1e6
+        top = axes.secondary_xaxis("top", functions=(lambda step: step * millions_per_step,
+                                                     lambda tokens: tokens / millions_per_step))
+        top.set_xlabel("training tokens (millions)")
     axes.set_ylabel(f"validation loss gap to {baseline_name} (%)")
     axes.set_title("Paired gap to the baseline over training (mean over seeds, min-max band)"
                    + (f": {title}" if title else ""), fontsize=9)
