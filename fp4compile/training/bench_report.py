@@ -38,8 +38,11 @@ __all__ = [
     "ci95_half_width",
     "summarize",
     "best_rates",
+    "gaps_by_seed",
     "gap_over_training",
+    "final_losses_by_seed",
     "render_summary_markdown",
+    "plot_or_explain",
     "plot_gap_curves",
     "plot_loss_curves",
 ]
@@ -62,7 +65,6 @@ class RunOutcome:
     tokens_per_s: float = float("nan")
     wall_time_s: float = 0.0
     error: str | None = None
-
 
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom (1-30); larger
