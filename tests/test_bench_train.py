@@ -557,3 +557,60 @@ def test_best_rates_compare_a_recipes_rates_over_the_same_seeds():
     assert sweep["paper"]["final_val_loss_by_lr"] == pytest.approx({"0.001": 1.08, "0.002": 1.1}, rel=1e-12)
     # its gap pairs both seeds of paper at 1e-3 with bf16 at 1e-3: +8% and +25%
     assert sweep["paper"]["best_gap_pct_mean"] == pytest.approx(16.5, rel=1e-9)
+
+
+def test_mechanism_pairs_match_runs_at_the_same_rate_and_baseline():
+    specs = bench_train._run_specs(["bf16", "paper", "fp4-direct", "w4a8", "paper@0.002", "fp4-direct@0.002"],
+                                   None, "bf16", [1e-3])
+    pairs = bench_train.mechanism_pairs(specs)
+    # paper against fp4-direct at each rate, never across rates; w4a8 has no STE partner here
+    assert [(w, wo) for w, wo, _ in pairs] == [("paper_lr0.001", "fp4-direct_lr0.001"),
+                                               ("paper_lr0.002", "fp4-direct_lr0.002")]
+    sweep = bench_train._run_specs(["bf16", "w8a4", "w8a4-no-occ"], None, "bf16", [1e-3, 2e-3])
+    assert [(w, wo) for w, wo, _ in bench_train.mechanism_pairs(sweep)] == [
+        ("w8a4_lr0.001", "w8a4-no-occ_lr0.001"), ("w8a4_lr0.002", "w8a4-no-occ_lr0.002")]
+
+
+def test_mechanism_contrasts_difference_of_paired_gaps_seed_by_seed():
+    nan = float("nan")
+    outcomes = [
+        _outcome("bf16", 0, [2.0, 2.0, 1.0]), _outcome("bf16", 1, [4.0, 4.0, 2.0]), _outcome("bf16", 2, [1.0, 1.0, 1.0]),
+        _outcome("w4a8", 0, [2.2, 1.9, 1.02]), _outcome("w4a8", 1, [4.4, 4.2, 2.1]), _outcome("w4a8", 2, [1.0, 1.0, 1.0]),
+        _outcome("w4a8-ste", 0, [2.0, nan, 1.05]), _outcome("w4a8-ste", 1, [4.0, 4.4, 2.3]),
+        _outcome("w4a8-ste", 2, [1.0, nan, nan], diverged=True),
+    ]
+    (entry,) = bench_report.mechanism_contrasts(outcomes, [("w4a8", "w4a8-ste", "DGE")], {})
+    # seed 0: (1.02 - 1.05) / 1.0 = -3 points; seed 1: (2.1 - 2.3) / 2.0 = -10; seed 2: its STE run diverged
+    assert entry["seeds"] == 2 and set(entry["difference_pts_by_seed"]) == {0, 1}
+    assert entry["difference_pts_by_seed"][0] == pytest.approx(-3.0, rel=1e-9)
+    assert entry["difference_pts_by_seed"][1] == pytest.approx(-10.0, rel=1e-9)
+    assert entry["difference_pts_mean"] == pytest.approx(-6.5, rel=1e-12)
+    assert entry["difference_pts_ci95"] == pytest.approx(12.706 * 7 / math.sqrt(2) / math.sqrt(2), rel=1e-9)
+    assert entry["with_ahead_seeds"] == 2
+    # seed 0: behind at step 1, step 2 not validated by STE, ahead at step 3; seed 1: behind, ahead, ahead;
+    # seed 2: the diverged run's one validation ties (not ahead)
+    assert entry["ahead_at_validations"] == {0: [1, 2], 1: [2, 3], 2: [0, 1]}
+
+
+def test_summary_reports_what_each_mechanism_buys(tmp_path, monkeypatch):
+    stock_compile = bench_train.compile_for_recipe
+
+    def compile_with_damped_logits_for_fp4_direct(model, recipe, backend, stats_interval=0, **kwargs):
+        compiled = stock_compile(model, recipe, backend, stats_interval, **kwargs)
+        # the eager backend trains every recipe alike; this makes the pair differ
+        return compiled if recipe != "fp4-direct" else (lambda idx: 0.5 * compiled(idx))
+
+    monkeypatch.setattr(bench_train, "compile_for_recipe", compile_with_damped_logits_for_fp4_direct)
+    args = bench_args(tmp_path, "--recipes", "bf16,paper,fp4-direct", "--seeds", "2", "--steps", "3",
+                      "--eval-every", "3")
+    assert bench_train.run(args) == 0
+    final = {(name, seed): float(read_csv(tmp_path / f"{name}_seed{seed}.csv")[-1]["val_loss"])
+             for name in ("bf16", "paper", "fp4-direct") for seed in (0, 1)}
+    expected = [100 * (final["paper", s] - final["fp4-direct", s]) / final["bf16", s] for s in (0, 1)]
+    assert all(abs(value) > 1e-3 for value in expected) and expected[0] != expected[1]
+    (entry,) = json.loads((tmp_path / "summary.json").read_text())["mechanisms"]
+    assert (entry["with"], entry["without"], entry["seeds"]) == ("paper", "fp4-direct", 2)
+    assert list(entry["difference_pts_by_seed"].values()) == pytest.approx(expected, rel=1e-9)
+    text = (tmp_path / "summary.md").read_text()
+    assert "## What each mechanism buys" in text
+    assert f"| paper | fp4-direct | DGE and OCC (W4A4) | 2 | {sum(expected) / 2:+.2f} |" in text

@@ -41,6 +41,7 @@ __all__ = [
     "gaps_by_seed",
     "gap_over_training",
     "final_losses_by_seed",
+    "mechanism_contrasts",
     "render_summary_markdown",
     "plot_or_explain",
     "plot_gap_curves",
@@ -88,16 +89,19 @@ def ci95_half_width(values: list[float]) -> float | None:
     return t_quantile_975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
 
 
+def _usable(outcome: RunOutcome | None) -> bool:
+    """A run that finished without failing or diverging, with a finite final loss."""
+    return (outcome is not None and outcome.error is None and not outcome.diverged
+            and math.isfinite(outcome.final_val_loss))
+
+
 def _paired_gaps(by_run: dict, label: str, baseline: str, seeds: list[int]) -> list[float]:
     """Per seed, 100 (loss_label - loss_baseline) / loss_baseline, over seeds where both finished."""
     gaps = []
     for seed in seeds:
         o, base = by_run.get((label, seed)), by_run.get((baseline, seed))
-        if o is None or base is None or o.error is not None or base.error is not None or o.diverged or base.diverged:
-            continue
-        if not math.isfinite(o.final_val_loss) or not math.isfinite(base.final_val_loss):
-            continue
-        gaps.append(100.0 * (o.final_val_loss - base.final_val_loss) / base.final_val_loss)
+        if _usable(o) and _usable(base):
+            gaps.append(100.0 * (o.final_val_loss - base.final_val_loss) / base.final_val_loss)
     return gaps
 
 
@@ -143,6 +147,50 @@ def gap_over_training(outcomes: list[RunOutcome], labels: list[str], baselines: 
                             "ci95": ci95_half_width(values), "seeds": len(values)})
         table[label] = entries
     return {"steps": logged, "gaps": table}
+
+
+def mechanism_contrasts(outcomes: list[RunOutcome], pairs: list[tuple[str, str, str]],
+                        baselines: dict[str, str]) -> list[dict]:
+    """What one mechanism buys: per pair of run labels (with it, without it, what differs), seed by seed.
+
+    The difference for seed k is ``100 (loss_with,k - loss_without,k) / loss_baseline,k``:
+    the difference of the two paired gaps, in points of the baseline's loss
+    (negative: the mechanism helps). It is taken over the seeds where all three
+    runs finished; its mean has a t-based 95% confidence interval. Over
+    training, ``ahead_at_validations`` counts, per seed, the validation steps
+    where the run with the mechanism had the lower loss, out of those both logged.
+    """
+    by_run = {(o.recipe, o.seed): o for o in outcomes}
+    seeds = sorted({o.seed for o in outcomes})
+    contrasts = []
+    for with_label, without_label, what in pairs:
+        baseline = baselines.get(with_label, BASELINE_RECIPE)
+        differences = {}
+        for seed in seeds:
+            runs = [by_run.get((label, seed)) for label in (with_label, without_label, baseline)]
+            if all(_usable(run) for run in runs):
+                with_run, without_run, base = runs
+                differences[seed] = 100.0 * (with_run.final_val_loss - without_run.final_val_loss) / base.final_val_loss
+        with_gaps = gaps_by_seed(by_run, with_label, baseline)
+        without_gaps = gaps_by_seed(by_run, without_label, baseline)
+        ahead = {}
+        for seed in sorted(set(with_gaps) & set(without_gaps)):
+            steps = sorted(set(with_gaps[seed]) & set(without_gaps[seed]))
+            ahead[seed] = [sum(with_gaps[seed][step] < without_gaps[seed][step] for step in steps), len(steps)]
+        values = list(differences.values())
+        contrasts.append({
+            "with": with_label,
+            "without": without_label,
+            "what": what,
+            "baseline": baseline,
+            "seeds": len(values),
+            "difference_pts_by_seed": differences,
+            "difference_pts_mean": statistics.fmean(values) if values else None,
+            "difference_pts_ci95": ci95_half_width(values),
+            "with_ahead_seeds": sum(value < 0 for value in values),
+            "ahead_at_validations": ahead,
+        })
+    return contrasts
 
 
 def summarize(outcomes: list[RunOutcome], recipes: list[str], baselines: dict[str, str] | None = None) -> list[dict]:
@@ -263,9 +311,9 @@ def final_losses_by_seed(outcomes: list[RunOutcome], labels: list[str]) -> dict[
 
 def render_summary_markdown(rows: list[dict], context: dict, sweep: list[dict] | None = None,
                             per_seed: dict[str, dict[int, float | str]] | None = None,
-                            over_training: dict | None = None) -> str:
+                            over_training: dict | None = None, mechanisms: list[dict] | None = None) -> str:
     """The ``summary.md`` text: setup, results table, per-seed losses, the gap over training,
-    the learning-rate sweep, plots."""
+    what each mechanism buys, the learning-rate sweep, plots."""
 
     def number(value, fmt):
         return "n/a" if value is None else format(value, fmt)
@@ -367,6 +415,25 @@ def render_summary_markdown(rows: list[dict], context: dict, sweep: list[dict] |
                     cell += f" ({entry['seeds']})"
                 cells.append(cell)
             lines.append(f"| {step:,} | {step * tokens_per_step / 1e6:.2f}M | " + " | ".join(cells) + " |")
+    if mechanisms:
+        lines += ["", "## What each mechanism buys", "",
+                  "Each pair of runs differs by one mechanism. Difference: per seed, (loss with it - loss without it) "
+                  f"/ loss of {baseline_name}, in points (negative: the mechanism helps); mean over the seeds where "
+                  "all three runs finished, with its 95% confidence interval. Ahead: the seeds, and per seed the "
+                  "validation steps, where the run with the mechanism had the lower loss.", "",
+                  "| with | without | what differs | seeds | difference (points) | 95% CI | per seed | ahead at the end "
+                  "| ahead at validations, per seed |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for entry in mechanisms:
+            by_seed = entry["difference_pts_by_seed"]
+            mean = entry["difference_pts_mean"]
+            validations = ", ".join(f"{ahead}/{total}" for ahead, total in entry["ahead_at_validations"].values())
+            lines.append(
+                f"| {names.get(entry['with'], entry['with'])} | {names.get(entry['without'], entry['without'])} | "
+                f"{entry['what']} | {entry['seeds']} | {'n/a' if mean is None else format(mean, '+.2f')} | "
+                f"{_ci_text(mean, entry['difference_pts_ci95'])} | "
+                f"{', '.join(format(value, '+.2f') for value in by_seed.values()) or '-'} | "
+                f"{entry['with_ahead_seeds']} of {entry['seeds']} | {validations or '-'} |")
     if sweep:
         rates = [f"{lr:g}" for lr in context["lrs"]]
         lines += ["", "## Learning-rate sweep", "",
