@@ -252,8 +252,7 @@ def best_rates(outcomes: list[RunOutcome], specs: list[RunSpec], float32: str | 
         losses = {}
         for spec in runs:
             results = [by_run[(spec.label, seed)] for seed in shared]
-            complete = bool(results) and all(o.error is None and not o.diverged and math.isfinite(o.final_val_loss)
-                                             for o in results)
+            complete = bool(results) and all(_usable(o) for o in results)
             losses[spec.lr] = statistics.fmean(o.final_val_loss for o in results) if complete else None
         ranked = [lr for lr in losses if losses[lr] is not None]
         best = min(ranked, key=lambda lr: losses[lr]) if ranked else None
