@@ -569,6 +569,10 @@ def test_mechanism_pairs_match_runs_at_the_same_rate_and_baseline():
     sweep = bench_train._run_specs(["bf16", "w8a4", "w8a4-no-occ"], None, "bf16", [1e-3, 2e-3])
     assert [(w, wo) for w, wo, _ in bench_train.mechanism_pairs(sweep)] == [
         ("w8a4_lr0.001", "w8a4-no-occ_lr0.001"), ("w8a4_lr0.002", "w8a4-no-occ_lr0.002")]
+    # dge-only against float32 at its own rate: the baseline run itself, or a NAME@RATE run of it
+    controls = bench_train._run_specs(["bf16", "dge-only", "bf16@0.002", "dge-only@0.002"], None, "bf16", [1e-3])
+    assert [(w, wo) for w, wo, _ in bench_train.mechanism_pairs(controls)] == [
+        ("dge-only_lr0.001", "bf16_lr0.001"), ("dge-only_lr0.002", "bf16_lr0.002")]
 
 
 def test_mechanism_contrasts_difference_of_paired_gaps_seed_by_seed():

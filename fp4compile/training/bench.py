@@ -141,6 +141,8 @@ MECHANISM_PAIRS = (
     ("paper", "paper-ste", "DGE instead of STE (W4A4 with OCC)"),
     ("w4a8", "w4a8-ste", "DGE instead of STE (FP4 weights only)"),
     ("w8a4", "w8a4-no-occ", "OCC (FP4 activations only)"),
+    # The baseline itself is the run without: the difference is dge-only's gap.
+    ("dge-only", "bf16", "DGE's factor alone (nothing quantized)"),
 )
 
 # Benchmark recipes that multiply weight gradients by the DGE factor of this recipe's
